@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as handle:
+    long_description = handle.read()
+
+setup(
+    name="textbrewer",
+    version="0.3.0",
+    description="Knowledge distillation for PyTorch, compatible with TextBrewer 0.2.1",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["textbrewer", "textbrewer.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "numpy", "tqdm", "tensorboard"],
+    extras_require={
+        "test": ["pytest>=7"],
+        "examples": ["scikit-learn>=1.0"],
+        "transformers": ["transformers>=4.30"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

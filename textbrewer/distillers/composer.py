@@ -1,0 +1,256 @@
+"""Turns the adaptors' outputs into the total loss and its named parts.
+
+``total = kd_loss_weight · Σ_heads KD + hard_label_weight · Σ mean(losses) + Σ_i w_i · match_i``
+
+One object for every distiller, so the formula exists once. Weights follow their
+schedules through :meth:`LossComposer.update_weights`; the configuration is never modified.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..adaptors import AdaptorError
+from ..configurations import DistillationConfig, IntermediateMatch
+from ..registry import (KD_LOSSES, MATCH_LOSSES, PROJECTIONS, TEMPERATURE_SCHEDULERS,
+                        WEIGHT_SCHEDULERS)
+
+__all__ = ["LossComposer", "select_logits_with_mask", "probability_shift_"]
+
+Parts = Dict[str, torch.Tensor]
+
+
+def select_logits_with_mask(logits_list: Sequence[torch.Tensor],
+                            masks_list: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Keeps the masked positions of 3-D logits: (B, L, C) with mask (B, L) -> (N_kept, C).
+
+    2-D logits pass through unchanged. ``masks_list`` has one mask per head, or one for all.
+    """
+    if len(masks_list) not in (1, len(logits_list)):
+        raise AdaptorError(f"logits_mask has {len(masks_list)} masks for {len(logits_list)} "
+                           f"logits heads; give one mask per head or a single mask")
+    selected = []
+    for index, logits in enumerate(logits_list):
+        mask = masks_list[index if len(masks_list) > 1 else 0]
+        if logits.dim() == 3:
+            selected.append(logits[mask.to(torch.bool)])
+        else:
+            selected.append(logits)
+    return selected
+
+
+def probability_shift_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Swaps, in each row, the largest logit with the gold label's logit (in place).
+
+    Args:
+        logits: (N, C) or (B, L, C) teacher logits.
+        labels: (N,) or (B, L) gold labels; a negative label leaves its row unchanged.
+
+    Returns:
+        ``logits``, modified.
+    """
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"probability_shift needs logits of rank 2 or 3, got shape "
+                         f"{tuple(logits.shape)}")
+    rows = logits.view(-1, logits.size(-1))
+    labels = labels.reshape(-1).to(rows.device)
+    if labels.numel() != rows.size(0):
+        raise AdaptorError(f"probability_shift: {labels.numel()} labels for {rows.size(0)} "
+                           f"rows of logits {tuple(logits.shape)}")
+    max_position = rows.argmax(dim=-1)
+    gold = torch.where(labels < 0, max_position, labels)
+    index = torch.arange(rows.size(0), device=rows.device)
+    max_values = rows[index, max_position].clone()
+    gold_values = rows[index, gold].clone()
+    rows[index, max_position] = gold_values
+    rows[index, gold] = max_values
+    return logits
+
+
+def _shape(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (list, tuple)):
+        return [_shape(v) for v in value]
+    return type(value).__name__
+
+
+class LossComposer(nn.Module):
+    """KD + hard-label + intermediate-match terms, with the projections they own.
+
+    Args:
+        config: the distillation configuration.
+        use_matches: build and apply ``config.intermediate_matches`` (GeneralDistiller,
+            MultiTaskDistiller); BasicDistiller ignores them, as TextBrewer did.
+        require_logits: a missing ``logits`` key is an error (BasicDistiller) rather than
+            "no KD term" (GeneralDistiller).
+    """
+
+    def __init__(self, config: DistillationConfig, use_matches: bool = True,
+                 require_logits: bool = True):
+        super().__init__()
+        self.config = config
+        self.require_logits = require_logits
+        self.kd_loss = KD_LOSSES.resolve(config.kd_loss_type)
+        self.temperature_scheduler = (None if config.temperature_scheduler == "none"
+                                      else TEMPERATURE_SCHEDULERS.resolve(
+                                          config.temperature_scheduler))
+        self.kd_weight_schedule = (None if config.kd_loss_weight_scheduler == "none"
+                                   else WEIGHT_SCHEDULERS.resolve(config.kd_loss_weight_scheduler))
+        self.hard_label_weight_schedule = (
+            None if config.hard_label_weight_scheduler == "none"
+            else WEIGHT_SCHEDULERS.resolve(config.hard_label_weight_scheduler))
+        self.kd_loss_weight = config.kd_loss_weight
+        self.hard_label_weight = config.hard_label_weight
+        self.matches: List[IntermediateMatch] = list(config.intermediate_matches) \
+            if use_matches else []
+        # Built in match order, so a seeded run draws the same numbers as TextBrewer.
+        self.projections = nn.ModuleList()
+        self.projection_of_match: List[Optional[int]] = []
+        self.projection_groups: List[dict] = []
+        for match in self.matches:
+            if match.proj is None:
+                self.projection_of_match.append(None)
+                continue
+            name, dim_in, dim_out, options = match.proj
+            self.projection_of_match.append(len(self.projections))
+            self.projections.append(PROJECTIONS[name](dim_in, dim_out))
+            self.projection_groups.append(dict(options))
+        self.match_losses = [MATCH_LOSSES[match.loss] for match in self.matches]
+
+    # weights ------------------------------------------------------------------------------
+    def update_weights(self, progress: float) -> None:
+        """Sets the scheduled weights for training progress ``global_step / total_steps``."""
+        if self.kd_weight_schedule is not None:
+            self.kd_loss_weight = self.kd_weight_schedule(progress)
+        if self.hard_label_weight_schedule is not None:
+            self.hard_label_weight = self.hard_label_weight_schedule(progress)
+
+    def reset_weights(self) -> None:
+        """Back to the configured weights (start of training)."""
+        self.kd_loss_weight = self.config.kd_loss_weight
+        self.hard_label_weight = self.config.hard_label_weight
+
+    # terms ----------------------------------------------------------------------------------
+    def kd_term(self, logits_S: Sequence[torch.Tensor], logits_T: Sequence[torch.Tensor],
+                labels: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """Σ over heads of the KD loss between (already mask-selected) logits."""
+        if self.config.probability_shift and labels is None:
+            raise AdaptorError("probability_shift=True needs 'labels' from the student's adaptor")
+        total = 0
+        for head, (head_S, head_T) in enumerate(zip(logits_S, logits_T)):
+            if labels is not None and self.config.probability_shift:
+                head_T = probability_shift_(head_T, labels[head])
+            temperature = self.config.temperature
+            if self.temperature_scheduler is not None:
+                temperature = self.temperature_scheduler(head_S, head_T, temperature)
+            total = total + self.kd_loss(head_S, head_T, temperature)
+        return total
+
+    def compose(self, results_S: Dict[str, Any], results_T: Dict[str, Any],
+                custom_terms: Sequence[Tuple[str, float, torch.Tensor]] = ()
+                ) -> Tuple[torch.Tensor, Parts]:
+        """The total loss and its unweighted parts (TensorBoard names without 'scalar/').
+
+        Args:
+            results_S: the student adaptor's normalised output.
+            results_T: the teacher's (for several teachers, logits already averaged).
+            custom_terms: extra ``(name, weight, loss)`` terms (custom matches).
+        """
+        parts: Parts = {}
+        total = 0
+        if "logits" in results_S and "logits" in results_T:
+            logits_S, logits_T, labels = self.select_logits(results_S, results_T)
+            kd = self.kd_term(logits_S, logits_T, labels)
+            total = total + kd * self.kd_loss_weight
+            parts["unweighted_kd_loss"] = kd
+        elif self.require_logits:
+            side = "student's" if "logits" not in results_S else "teacher's"
+            raise AdaptorError(f"the {side} adaptor returned no 'logits' (needed for the KD loss)")
+        for index, match in enumerate(self.matches):
+            loss = self.match_term(index, match, results_S, results_T)
+            total = total + loss * match.weight
+            parts[match.name] = loss
+        for name, weight, loss in custom_terms:
+            total = total + loss * weight
+            parts[name] = loss
+        if "losses" in results_S:
+            hard = 0
+            for loss in results_S["losses"]:
+                hard = hard + loss.mean()
+            total = total + hard * self.hard_label_weight
+            parts["unweighted_hard_label_loss"] = hard
+        return total, parts
+
+    def select_logits(self, results_S, results_T):
+        """Mask-selected student and teacher logits (and labels), checked for equal shapes."""
+        logits_S, logits_T = list(results_S["logits"]), list(results_T["logits"])
+        if len(logits_S) != len(logits_T):
+            raise AdaptorError(f"the student's adaptor returned {len(logits_S)} logits heads and "
+                               f"the teacher's {len(logits_T)}")
+        labels = results_S.get("labels")
+        if "logits_mask" in results_S:
+            masks = results_S["logits_mask"]
+            if labels is not None and self.config.probability_shift:
+                labels = [label if label.dim() < 2 else
+                          label[masks[i if len(masks) > 1 else 0].to(torch.bool)]
+                          for i, label in enumerate(labels)]
+            logits_S = select_logits_with_mask(logits_S, masks)
+        if "logits_mask" in results_T:
+            logits_T = select_logits_with_mask(logits_T, results_T["logits_mask"])
+        for head, (head_S, head_T) in enumerate(zip(logits_S, logits_T)):
+            if head_S.shape != head_T.shape:
+                raise AdaptorError(f"logits head {head}: student logits {tuple(head_S.shape)} and "
+                                   f"teacher logits {tuple(head_T.shape)} differ in shape"
+                                   + (" (after logits_mask selection)"
+                                      if "logits_mask" in results_S else ""))
+        return logits_S, logits_T, labels
+
+    def _features(self, results, feature, layers, side, index, match):
+        if feature not in results:
+            raise AdaptorError(f"intermediate_matches[{index}] ({match.loss}, layer_T="
+                               f"{match.layer_T}, layer_S={match.layer_S}) needs feature "
+                               f"{feature!r} but the {side}'s adaptor returned none; it returned "
+                               f"{sorted(results)}")
+        available = results[feature]
+        count = len(available)
+        picked = []
+        for layer in (layers if isinstance(layers, list) else [layers]):
+            if not -count <= layer < count:
+                raise AdaptorError(f"intermediate_matches[{index}]: layer_{side[0].upper()}="
+                                   f"{layer} but the {side}'s adaptor returned {count} "
+                                   f"{feature} entries (valid: 0..{count - 1})")
+            picked.append(available[layer])
+        return picked if isinstance(layers, list) else picked[0]
+
+    def match_term(self, index: int, match: IntermediateMatch, results_S, results_T):
+        """One intermediate-match loss, with a clear error on bad layers or shapes."""
+        feature_S = self._features(results_S, match.feature, match.layer_S, "student", index,
+                                   match)
+        feature_T = self._features(results_T, match.feature, match.layer_T, "teacher", index,
+                                   match)
+        projection_index = self.projection_of_match[index]
+        if projection_index is not None:
+            projection = self.projections[projection_index]
+            _, dim_in, dim_out, _ = match.proj
+            for value, dim, side in ((feature_S, dim_in, "student"), (feature_T, dim_out,
+                                                                       "teacher")):
+                widths = {t.size(-1) for t in (value if isinstance(value, list) else [value])}
+                if widths != {dim}:
+                    raise AdaptorError(
+                        f"intermediate_matches[{index}]: proj {match.proj[:3]} expects "
+                        f"{side} {match.feature} width {dim} but got {sorted(widths)} "
+                        f"(shapes {_shape(value)})")
+            if isinstance(feature_S, list):
+                feature_S = [projection(state) for state in feature_S]
+            else:
+                feature_S = projection(feature_S)
+        try:
+            return self.match_losses[index](feature_S, feature_T, mask=results_S.get("inputs_mask"))
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise AdaptorError(f"intermediate_matches[{index}] ({match.feature}, {match.loss}, "
+                               f"layer_T={match.layer_T}, layer_S={match.layer_S}): student "
+                               f"{_shape(feature_S)} and teacher {_shape(feature_T)} do not fit "
+                               f"this loss: {error}") from error

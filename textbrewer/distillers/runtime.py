@@ -1,0 +1,158 @@
+"""The one object that owns device, precision and the process group.
+
+The training loop asks it instead of scattering ``if fp16`` / ``if distributed`` checks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..configurations import TrainingConfig
+
+__all__ = ["Runtime", "move_to_device"]
+
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Moves every tensor inside nested dicts, lists and tuples to ``device``.
+
+    Lists and tuples come back as tuples (as TextBrewer 0.2.1 did); mappings as dicts.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, (list, tuple)):
+        return tuple(move_to_device(item, device, non_blocking) for item in batch)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device, non_blocking) for key, value in batch.items()}
+    return batch
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+class Runtime:
+    """Device, autocast, grad scaler and process group for one training run.
+
+    Distributed training is on when ``TrainingConfig.local_rank >= 0`` or torchrun's
+    ``WORLD_SIZE > 1`` is in the environment; the process group is initialised here if
+    the script has not done it (NCCL on CUDA, gloo on CPU).
+
+    Args:
+        config: the training configuration.
+
+    Raises:
+        ValueError: ``device`` names CUDA but CUDA is not available, or the device index
+            does not exist.
+    """
+
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+        world_size = _env_int("WORLD_SIZE", 1)
+        self.local_rank = config.local_rank
+        if self.local_rank == -1 and world_size > 1:
+            self.local_rank = _env_int("LOCAL_RANK", 0)
+        self.distributed = self.local_rank != -1
+        self.device = self._resolve_device(torch.device(config.device))
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend)
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.precision = config.mixed_precision
+        self.autocast_dtype = _AUTOCAST_DTYPES.get(self.precision)
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if self.precision == "fp16" else None)
+
+    def _resolve_device(self, device: torch.device) -> torch.device:
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"TrainingConfig.device={self.config.device!r} but CUDA is not "
+                                 f"available (torch.cuda.is_available() is False); use "
+                                 f"device='cpu'")
+            if self.distributed and device.index is None:
+                device = torch.device("cuda", self.local_rank)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"TrainingConfig.device={self.config.device!r}: only "
+                                 f"{torch.cuda.device_count()} CUDA device(s) are visible")
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
+        return device
+
+    # precision ---------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for the forward passes and losses; a no-op in full precision."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the grad scaler under fp16."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer,
+                       clip_parameters: Iterable[nn.Parameter], max_grad_norm: float) -> None:
+        """Unscales (fp16), clips ``clip_parameters`` if ``max_grad_norm > 0``, steps."""
+        if max_grad_norm > 0:
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(list(clip_parameters), max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    # data ----------------------------------------------------------------------------------
+    def to_device(self, batch: Any) -> Any:
+        """Moves a batch to the training device (asynchronously from pinned memory on CUDA)."""
+        return move_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+
+    # processes -----------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs, saves checkpoints and runs callbacks."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Waits for every process (a no-op in a single process)."""
+        if self.distributed:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def wrap_trainable(self, module: nn.Module) -> nn.Module:
+        """DistributedDataParallel (or DataParallel) around the trainable module, if asked."""
+        if self.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        if self.config.data_parallel and self.device.type == "cuda" \
+                and torch.cuda.device_count() > 1:
+            return nn.DataParallel(module)
+        return module
+
+    def no_sync(self, module: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync()`` on micro-batches that do not end an accumulation window."""
+        if skip and isinstance(module, nn.parallel.DistributedDataParallel):
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    def maybe_compile(self, module: nn.Module) -> nn.Module:
+        """``torch.compile(module, **options)`` when ``TrainingConfig.compile`` asks for it."""
+        options = self.config.compile
+        if options is False:
+            return module
+        return torch.compile(module, **(options if isinstance(options, dict) else {}))

@@ -1,0 +1,217 @@
+"""Feature-based losses: hidden states and attention maps of one layer each side.
+
+Interface: ``loss(feature_S, feature_T, mask=None) -> scalar tensor``.
+``mask`` is (B, L) with 1 for real tokens and 0 for padding. Normalisation counts only
+kept positions, with the count clamped to 1, so an all-padding batch gives 0.
+
+Attention maps are (B, H, L, L) or (B, L, L). Without a mask, attention entries at or
+below -1e-3 are treated as masked out (TextBrewer 0.2.1's convention for pre-softmax
+scores produced with additive -inf/-10000 masking).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import MATCH_LOSSES
+from ._masking import as_weights, safe_divide
+
+__all__ = ["att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss",
+           "hid_mse_loss", "cos_loss", "pkd_loss"]
+
+_MASKED_SCORE = -1e-3
+_COSINE_EPS = 1e-12  # the epsilon F.cosine_embedding_loss adds to each squared norm
+
+
+def _check_attention(attention_S: torch.Tensor, attention_T: torch.Tensor) -> None:
+    if attention_S.dim() not in (3, 4):
+        raise ValueError(f"attention maps must be (B, H, L, L) or (B, L, L), "
+                         f"got shape {tuple(attention_S.shape)}")
+    if attention_S.shape != attention_T.shape:
+        raise ValueError(f"student attention {tuple(attention_S.shape)} and teacher attention "
+                         f"{tuple(attention_T.shape)} differ in shape")
+
+
+def _row_and_column_weights(mask: torch.Tensor, attention: torch.Tensor):
+    """(B, L) mask -> weights broadcastable over query rows i and key columns j."""
+    weights = as_weights(mask, attention)
+    head_dims = [1] * (attention.dim() - 3)
+    batch, length = weights.shape
+    rows = weights.view(batch, *head_dims, length, 1)
+    columns = weights.view(batch, *head_dims, 1, length)
+    return rows, columns
+
+
+def _zero_masked_scores(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.where(scores <= _MASKED_SCORE, torch.zeros_like(values), values)
+
+
+def _pairwise_masked_mse(attention_S, attention_T, mask):
+    """Σ (S−T)²·m_i·m_j over (B, [H], L, L) / (H · Σ_b len_b²)."""
+    if mask is None:
+        return F.mse_loss(_zero_masked_scores(attention_S, attention_S),
+                          _zero_masked_scores(attention_T, attention_T))
+    rows, columns = _row_and_column_weights(mask, attention_S)
+    pair_weights = rows * columns
+    heads = attention_S[..., 0, 0].numel() // attention_S.size(0)
+    squared = (attention_S - attention_T).pow(2) * pair_weights
+    return safe_divide(squared.sum(), pair_weights.sum() * heads)
+
+
+def _masked_attention_ce(attention_S, attention_T, mask):
+    """−Σ_{b,[h],i} m_i Σ_j P_T·log_softmax(S)·m_j / Σ_{b,[h],i} m_i."""
+    probs_T = F.softmax(attention_T, dim=-1)
+    log_probs_S = F.log_softmax(attention_S, dim=-1)
+    if mask is None:
+        probs_T = _zero_masked_scores(attention_T, probs_T)
+        return -(probs_T * log_probs_S).sum(dim=-1).mean()
+    rows, columns = _row_and_column_weights(mask, attention_S)
+    heads = attention_S[..., 0, 0].numel() // attention_S.size(0)
+    per_row = (probs_T * log_probs_S * columns).sum(dim=-1, keepdim=True) * rows
+    return -safe_divide(per_row.sum(), rows.sum() * heads)
+
+
+@MATCH_LOSSES.register("attention_mse")
+def att_mse_loss(attention_S: torch.Tensor, attention_T: torch.Tensor,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MSE between attention maps, per head.
+
+    Args:
+        attention_S: (B, H, L, L) or (B, L, L).
+        attention_T: same shape.
+        mask: (B, L), 1 = keep. With a mask the sum of squared errors over kept (i, j)
+            pairs is divided by H·Σ_b len_b²; without one, entries ≤ -1e-3 are zeroed on
+            each side and the plain mean is taken.
+
+    Returns:
+        Scalar tensor.
+    """
+    _check_attention(attention_S, attention_T)
+    return _pairwise_masked_mse(attention_S, attention_T, mask)
+
+
+@MATCH_LOSSES.register("attention_mse_sum")
+def att_mse_sum_loss(attention_S: torch.Tensor, attention_T: torch.Tensor,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MSE between attention maps summed over heads (student and teacher head counts may differ).
+
+    Args:
+        attention_S: (B, H_S, L, L) or (B, L, L).
+        attention_T: (B, H_T, L, L) or (B, L, L).
+        mask: (B, L), 1 = keep; the denominator is Σ_b len_b².
+
+    Returns:
+        Scalar tensor.
+    """
+    if attention_S.dim() == 4:
+        attention_S = attention_S.sum(dim=1)
+    if attention_T.dim() == 4:
+        attention_T = attention_T.sum(dim=1)
+    _check_attention(attention_S, attention_T)
+    return _pairwise_masked_mse(attention_S, attention_T, mask)
+
+
+@MATCH_LOSSES.register("attention_ce")
+def att_ce_loss(attention_S: torch.Tensor, attention_T: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy between attention distributions, per head and query row.
+
+    Args:
+        attention_S: pre-softmax scores, (B, H, L, L) or (B, L, L).
+        attention_T: same shape.
+        mask: (B, L), 1 = keep: padded keys are left out of each row's sum and padded
+            query rows out of the mean. Without a mask, the teacher's probabilities are
+            zeroed where its scores are ≤ -1e-3.
+
+    Returns:
+        Scalar tensor.
+    """
+    _check_attention(attention_S, attention_T)
+    return _masked_attention_ce(attention_S, attention_T, mask)
+
+
+@MATCH_LOSSES.register("attention_ce_mean")
+def att_ce_mean_loss(attention_S: torch.Tensor, attention_T: torch.Tensor,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """As :func:`att_ce_loss`, on attention scores averaged over heads first.
+
+    Args:
+        attention_S: (B, H_S, L, L) or (B, L, L).
+        attention_T: (B, H_T, L, L) or (B, L, L).
+        mask: (B, L), 1 = keep.
+
+    Returns:
+        Scalar tensor.
+    """
+    if attention_S.dim() == 4:
+        attention_S = attention_S.mean(dim=1)
+    if attention_T.dim() == 4:
+        attention_T = attention_T.mean(dim=1)
+    _check_attention(attention_S, attention_T)
+    return _masked_attention_ce(attention_S, attention_T, mask)
+
+
+@MATCH_LOSSES.register("hidden_mse")
+def hid_mse_loss(state_S: torch.Tensor, state_T: torch.Tensor,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MSE between hidden states.
+
+    Args:
+        state_S: (B, L, D).
+        state_T: (B, L, D).
+        mask: (B, L), 1 = keep; the squared errors of kept positions are divided by
+            Σ mask · D.
+
+    Returns:
+        Scalar tensor.
+    """
+    if mask is None:
+        return F.mse_loss(state_S, state_T)
+    weights = as_weights(mask, state_S)
+    squared = (state_S - state_T).pow(2) * weights.unsqueeze(-1)
+    return safe_divide(squared.sum(), weights.sum() * state_S.size(-1))
+
+
+@MATCH_LOSSES.register("cos")
+def cos_loss(state_S: torch.Tensor, state_T: torch.Tensor,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of 1 − cos(s, t) over (kept) positions, as ``F.cosine_embedding_loss`` with target 1.
+
+    Args:
+        state_S: (B, L, D) or (N, D).
+        state_T: same shape.
+        mask: (B, L), 1 = keep.
+
+    Returns:
+        Scalar tensor.
+    """
+    dot = (state_S * state_T).sum(dim=-1)
+    norms = ((state_S * state_S).sum(dim=-1) + _COSINE_EPS) * \
+            ((state_T * state_T).sum(dim=-1) + _COSINE_EPS)
+    distance = 1 - dot / norms.sqrt()
+    if mask is None:
+        return distance.mean()
+    weights = as_weights(mask, distance)
+    return safe_divide((distance * weights).sum(), weights.sum())
+
+
+@MATCH_LOSSES.register("pkd")
+def pkd_loss(state_S: torch.Tensor, state_T: torch.Tensor,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Patient-KD loss (Sun et al., 2019) on the first position ([CLS]).
+
+    Each side's vector is L2-normalised; the loss is Σ_d (ŝ − t̂)², averaged over the batch.
+
+    Args:
+        state_S: (B, L, D) (position 0 is used) or (B, D).
+        state_T: same layout.
+        mask: unused (kept for the common signature).
+
+    Returns:
+        Scalar tensor.
+    """
+    cls_S = state_S[:, 0] if state_S.dim() == 3 else state_S
+    cls_T = state_T[:, 0] if state_T.dim() == 3 else state_T
+    normed_S = cls_S / torch.norm(cls_S, dim=1, keepdim=True)
+    normed_T = cls_T / torch.norm(cls_T, dim=1, keepdim=True)
+    return (normed_S - normed_T).pow(2).sum(dim=-1).mean()

@@ -1,0 +1,117 @@
+"""TextBrewer 0.2.1's maps and constants, and ready-made intermediate-match presets.
+
+``KD_LOSS_MAP``, ``MATCH_LOSS_MAP``, ``PROJ_MAP``, ``WEIGHT_SCHEDULER`` and
+``TEMPERATURE_SCHEDULER`` are the registries themselves: reading, assigning and
+:func:`register_new` all go to the one registry that the distillers look names up in.
+"""
+from typing import Any, Callable, Dict, List, Optional
+
+from . import losses as _losses  # noqa: F401  (fills the loss registries)
+from . import projections as _projections  # noqa: F401
+from . import schedulers as _schedulers  # noqa: F401
+from .registry import (KD_LOSSES, MATCH_LOSSES, PROJECTIONS, TEMPERATURE_SCHEDULERS,
+                       WEIGHT_SCHEDULERS, Registry)
+
+__all__ = ["ADAPTOR_KEYS", "FEATURES", "KD_LOSS_MAP", "MATCH_LOSS_MAP", "PROJ_MAP",
+           "WEIGHT_SCHEDULER", "TEMPERATURE_SCHEDULER", "MAPS", "register_new", "MATCHES",
+           "MATCHES_TRANSFORMERS", "layer_matches"]
+
+#: Keys an adaptor may return.
+ADAPTOR_KEYS = ("logits", "logits_mask", "losses", "inputs_mask", "labels", "hidden", "attention")
+#: Features that intermediate matches can compare.
+FEATURES = ("hidden", "attention")
+
+KD_LOSS_MAP: Registry = KD_LOSSES
+MATCH_LOSS_MAP: Registry = MATCH_LOSSES
+PROJ_MAP: Registry = PROJECTIONS
+WEIGHT_SCHEDULER: Registry = WEIGHT_SCHEDULERS
+TEMPERATURE_SCHEDULER: Registry = TEMPERATURE_SCHEDULERS
+
+#: ``register_new``'s map names, spelled as in TextBrewer 0.2.1 ('match_Loss' with a capital L).
+MAPS: Dict[str, Registry] = {
+    "kd_loss": KD_LOSS_MAP,
+    "match_Loss": MATCH_LOSS_MAP,
+    "projection": PROJ_MAP,
+    "weight_scheduler": WEIGHT_SCHEDULER,
+    "temperature_scheduler": TEMPERATURE_SCHEDULER,
+}
+
+
+def register_new(map_name: str, name: str, func: Callable) -> None:
+    """Registers ``func`` under ``name`` in one of the maps, so configs can name it.
+
+    Args:
+        map_name: 'kd_loss', 'match_Loss' (also accepted: 'match_loss'), 'projection',
+            'weight_scheduler' or 'temperature_scheduler'.
+        name: the key configs will use.
+        func: the callable, with the signature of that map's entries.
+
+    Raises:
+        ValueError: unknown ``map_name``.
+        TypeError: ``func`` is not callable.
+    """
+    key = "match_Loss" if map_name == "match_loss" else map_name
+    if key not in MAPS:
+        raise ValueError(f"unknown map_name {map_name!r}; valid choices: {list(MAPS)}")
+    MAPS[key].add(name, func, overwrite=True)
+
+
+def layer_matches(layers_T: List[Any], layers_S: List[Any], feature: str, loss: str,
+                  weight: float = 1, proj: Optional[List[Any]] = None) -> List[Dict[str, Any]]:
+    """One match dict per (teacher layer, student layer) pair, all with the same settings."""
+    if len(layers_T) != len(layers_S):
+        raise ValueError(f"layers_T has {len(layers_T)} entries but layers_S has {len(layers_S)}")
+    matches = []
+    for layer_T, layer_S in zip(layers_T, layers_S):
+        match = {"layer_T": layer_T, "layer_S": layer_S, "feature": feature, "loss": loss,
+                 "weight": weight}
+        if proj is not None:
+            match["proj"] = list(proj)
+        matches.append(match)
+    return matches
+
+
+def _pairs(layers):
+    return [[layer, layer] for layer in layers]
+
+
+def _presets(attention_offset: int) -> Dict[str, List[Dict[str, Any]]]:
+    """Presets for a 12-layer teacher; attention indices shifted by ``attention_offset``."""
+    presets: Dict[str, List[Dict[str, Any]]] = {}
+    for variant in ("mse", "ce", "mse_sum", "ce_mean"):
+        loss = f"attention_{variant}"
+        presets[f"L3_{loss}"] = layer_matches(
+            [t - attention_offset for t in (4, 8, 12)],
+            [s - attention_offset for s in (1, 2, 3)], "attention", loss)
+        presets[f"L4_{loss}"] = layer_matches(
+            [t - attention_offset for t in (3, 6, 9, 12)],
+            [s - attention_offset for s in (1, 2, 3, 4)], "attention", loss)
+    presets["L3_hidden_mse"] = layer_matches([0, 4, 8, 12], [0, 1, 2, 3], "hidden", "hidden_mse")
+    presets["L3n_hidden_mse"] = layer_matches([0, 4, 8, 12], [0, 1, 2, 3], "hidden",
+                                              "hidden_mse", proj=["linear", 384, 768])
+    presets["L3_hidden_smmd"] = layer_matches(_pairs([0, 4, 8, 12]), _pairs(range(4)),
+                                              "hidden", "nst")
+    presets["L4_hidden_smmd"] = layer_matches(_pairs([0, 3, 6, 9, 12]), _pairs(range(5)),
+                                              "hidden", "nst")
+    presets["L4t_hidden_mse"] = layer_matches([0, 3, 6, 9, 12], list(range(5)), "hidden",
+                                              "hidden_mse", proj=["linear", 312, 768])
+    presets["L4t_hidden_sgram"] = layer_matches(_pairs([0, 3, 6, 9, 12]), _pairs(range(5)),
+                                                "hidden", "gram", proj=["linear", 312, 768])
+    presets["L6_hidden_mse"] = layer_matches(list(range(0, 13, 2)), list(range(7)), "hidden",
+                                             "hidden_mse")
+    presets["L6_hidden_smmd"] = layer_matches(_pairs(range(0, 13, 2)), _pairs(range(7)),
+                                              "hidden", "nst")
+    presets["small_hidden_mse"] = layer_matches(list(range(13)), list(range(13)), "hidden",
+                                                "hidden_mse", proj=["linear", 256, 768])
+    presets["small_hidden_smmd"] = layer_matches(_pairs(range(13)), _pairs(range(13)),
+                                                 "hidden", "nst")
+    return presets
+
+
+#: Presets as TextBrewer's examples wrote them, for a BERT whose adaptor returns 13 hidden
+#: states (embeddings = 0) and counts attention layers from 1 (teacher attention 1..12).
+MATCHES: Dict[str, List[Dict[str, Any]]] = _presets(attention_offset=0)
+#: The same presets for ``transformers`` models: ``hidden_states`` has the embeddings at 0
+#: (unchanged), but ``attentions`` has one entry per layer starting at 0, so every
+#: attention index is one lower (teacher 0..11).
+MATCHES_TRANSFORMERS: Dict[str, List[Dict[str, Any]]] = _presets(attention_offset=1)
