@@ -382,6 +382,11 @@ class AbstractDistiller:
                 if progress.global_step >= plan.total_steps:
                     break
         finally:
+            if runtime.scaler is not None:
+                skipped = int(runtime.skipped_steps)
+                log.add_scalar("scalar/fp16_skipped_steps", skipped, progress.writer_step)
+                logger.info("fp16: the grad scaler skipped %d of %d optimizer steps", skipped,
+                            progress.global_step)
             log.close()
             _restore_modes(self.model_T, modes[0])
             _restore_modes(self.model_S, modes[1])
@@ -488,7 +493,7 @@ class AbstractDistiller:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"resume_from={target!r}: no such file")
         state = ckpt.load_state(path)
-        for key in ("mode", "total_steps", "num_epochs"):
+        for key in ("mode", "num_epochs", "total_steps"):
             saved, current = state["plan"][key], getattr(plan, key)
             if saved != current:
                 raise ValueError(f"resume_from={path!r}: the checkpoint was written by a run with "

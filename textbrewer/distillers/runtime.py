@@ -71,6 +71,9 @@ class Runtime:
         self.autocast_dtype = _AUTOCAST_DTYPES.get(self.precision)
         self.scaler = (torch.amp.GradScaler(self.device.type)
                        if self.precision == "fp16" else None)
+        # Optimizer steps the grad scaler skipped (inf/nan gradients), kept on the device
+        # and read only when logged.
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def _resolve_device(self, device: torch.device) -> torch.device:
         if device.type == "cuda":
@@ -110,8 +113,15 @@ class Runtime:
                 self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(list(clip_parameters), max_grad_norm)
         if self.scaler is not None:
+            scale_before = self.scaler.get_scale() if not hasattr(self.scaler, "_scale") \
+                else self.scaler._scale.clone()
             self.scaler.step(optimizer)
             self.scaler.update()
+            scale_after = self.scaler._scale if hasattr(self.scaler, "_scale") \
+                else self.scaler.get_scale()
+            # update() lowers the scale exactly when the step was skipped
+            self.skipped_steps += torch.as_tensor(scale_after < scale_before,
+                                                  device=self.device).to(torch.int64)
         else:
             optimizer.step()
 
