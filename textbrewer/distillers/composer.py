@@ -209,11 +209,13 @@ class LossComposer(nn.Module):
         return logits_S, logits_T, labels
 
     def _features(self, results, feature, layers, side, index, match):
-        if feature not in results:
+        if results.get(feature) is None:
             raise AdaptorError(f"intermediate_matches[{index}] ({match.loss}, layer_T="
                                f"{match.layer_T}, layer_S={match.layer_S}) needs feature "
-                               f"{feature!r} but the {side}'s adaptor returned none; it returned "
-                               f"{sorted(results)}")
+                               f"{feature!r} but the {side}'s adaptor returned none (or None); it "
+                               f"returned {sorted(k for k, v in results.items() if v is not None)}"
+                               f" (a transformers model needs output_hidden_states=True / "
+                               f"output_attentions=True, e.g. as keyword arguments of train())")
         available = results[feature]
         count = len(available)
         picked = []

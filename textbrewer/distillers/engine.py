@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -35,7 +36,7 @@ Parts = Dict[str, torch.Tensor]
 def forward_model(model: Callable, batch: Any, args: Dict[str, Any]) -> Any:
     """``model(**batch, **args)`` for a mapping, ``model(*batch, **args)`` for a list/tuple,
     ``model(batch, **args)`` for anything else (a single tensor)."""
-    if isinstance(batch, dict) or hasattr(batch, "keys") and hasattr(batch, "__getitem__"):
+    if isinstance(batch, Mapping):
         return model(**batch, **args)
     if isinstance(batch, (list, tuple)):
         return model(*batch, **args)
@@ -48,9 +49,9 @@ def split_batch(batch: Any) -> Tuple[Any, Any, Any]:
     ``{'teacher': ..., 'student': ...}`` feeds the models separately; a ``'teacher_cache'``
     entry (in that form or in a plain dict batch) replaces the teacher's forward pass.
     """
-    if isinstance(batch, dict) and "teacher" in batch and "student" in batch:
+    if isinstance(batch, Mapping) and "teacher" in batch and "student" in batch:
         return batch["teacher"], batch["student"], batch.get("teacher_cache")
-    if isinstance(batch, dict) and "teacher_cache" in batch:
+    if isinstance(batch, Mapping) and "teacher_cache" in batch:
         rest = {k: v for k, v in batch.items() if k != "teacher_cache"}
         return rest, rest, batch["teacher_cache"]
     return batch, batch, None
