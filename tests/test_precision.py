@@ -101,3 +101,19 @@ def test_non_finite_loss_names_the_step_and_the_term(tmp_path, log_steps):
     with pytest.raises(NonFiniteLossError,
                        match=r"'total_loss' is nan at micro-batch 2 \(after 2 optimizer steps\)"):
         trainer.train(torch.optim.SGD(model.parameters(), lr=0.1), _loader(), num_epochs=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp32_training_matches_cpu(tmp_path):
+    cpu, _ = _distil(tmp_path / "cpu", "cpu", epochs=1)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cuda, _ = _distil(tmp_path / "cuda", "cuda", epochs=1)
+    for key, value in cpu.state_dict().items():
+        torch.testing.assert_close(cuda.state_dict()[key].cpu(), value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compile_with_inductor_trains(tmp_path):
+    student, _ = _distil(tmp_path, "cuda", epochs=1, mixed_precision="bf16", compile=True)
+    assert math.isfinite(_final_loss(student, "cuda"))
