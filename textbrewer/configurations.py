@@ -248,10 +248,10 @@ class IntermediateMatch:
             if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
                 raise ValueError(f"{where}: proj[{position}] must be a positive int "
                                  f"(feature width), got {dim!r}")
-        options = dict(proj[3]) if len(proj) == 4 else {}
         if len(proj) == 4 and not isinstance(proj[3], dict):
             raise ValueError(f"{where}: proj[3] must be a dict of param-group options, "
                              f"got {proj[3]!r}")
+        options = dict(proj[3]) if len(proj) == 4 else {}
         if "params" in options:
             raise ValueError(f"{where}: proj[3] must not set 'params' (the projection's own "
                              f"parameters are used)")

@@ -103,7 +103,9 @@ class Registry(MutableMapping):
                 message += f" (did you mean {close[0]!r}?)"
         return RegistryError(message)
 
-    def __getitem__(self, name: str) -> Callable:
+    def __getitem__(self, name: Spec) -> Callable:
+        if isinstance(name, (list, tuple)):  # TextBrewer 0.2.1: MAP[['flsw', 1, 2]] builds
+            return self.resolve(name)
         try:
             return self._entries[name]
         except (KeyError, TypeError):
@@ -125,6 +127,8 @@ class Registry(MutableMapping):
         return len(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        if isinstance(name, (list, tuple)):
+            return bool(name) and isinstance(name[0], str) and name[0] in self._entries
         return isinstance(name, str) and name in self._entries
 
     def __repr__(self) -> str:
@@ -151,11 +155,15 @@ class Registry(MutableMapping):
         """The callable for ``spec``: a name, or ``[name, *params]``.
 
         ``[name, *params]`` calls the entry with the parameters and returns the result,
-        as TextBrewer 0.2.1 did for any entry; a builder named without parameters is an error.
+        as TextBrewer 0.2.1 did for any entry (``[name, {'beta': 1}]`` passes keyword
+        arguments); a builder named without parameters is an error.
         """
         self.validate(spec)
         if isinstance(spec, (list, tuple)):
-            return self._entries[spec[0]](*spec[1:])
+            params = spec[1:]
+            if len(params) == 1 and isinstance(params[0], dict):
+                return self._entries[spec[0]](**params[0])
+            return self._entries[spec[0]](*params)
         return self._entries[spec]
 
 
