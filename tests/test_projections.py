@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 import textbrewer  # noqa: F401  (fills the registries)
 from textbrewer.projections import (initializer_builder, linear_projection,
-                                    projection_dims, projection_with_activation)
+                                    projection_with_activation)
 from textbrewer.registry import PROJECTIONS
 
 NAMES = ["linear", "relu", "tanh"]
@@ -109,7 +109,3 @@ def test_projection_with_activation_builds_named_activation():
     assert build.__name__ == "linear_gelu_projection"
 
 
-def test_projection_dims():
-    assert projection_dims(linear_projection(3, 8)) == (3, 8)
-    assert projection_dims(PROJECTIONS["tanh"](5, 2)) == (5, 2)
-    assert projection_dims(nn.ReLU()) is None

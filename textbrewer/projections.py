@@ -49,13 +49,3 @@ def projection_with_activation(activation: str) -> Callable[[int, int], nn.Modul
 
 PROJECTIONS.add("relu", projection_with_activation("ReLU"))
 PROJECTIONS.add("tanh", projection_with_activation("Tanh"))
-
-
-def projection_dims(module: nn.Module):
-    """(dim_in, dim_out) of a projection built here, or None if it has no Linear layer."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            return layer.in_features, layer.out_features
-    return None
-
-

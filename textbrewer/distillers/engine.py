@@ -186,7 +186,6 @@ class AbstractDistiller:
         self._trainable: nn.Module = model_S
         self._student_forward: Callable = model_S
         self._teacher_forwards: Any = model_T
-        self._validated = False
 
     # ---------------------------------------------------------------- what subclasses give
     def train_on_batch(self, batch: Any, args: Dict[str, Any]) -> Tuple[torch.Tensor, Parts]:
@@ -222,11 +221,6 @@ class AbstractDistiller:
         if not callable(adaptor):
             raise AdaptorError(f"{role} is not callable (got {type(adaptor).__name__})")
         return normalize_adaptor_output(adaptor(batch, outputs), role)
-
-    @property
-    def first_batch(self) -> bool:
-        """True until the first micro-batch has been turned into a loss."""
-        return not self._validated
 
     # ---------------------------------------------------------------- context
     def __enter__(self):
@@ -356,7 +350,6 @@ class AbstractDistiller:
                         if not isinstance(total, torch.Tensor):
                             raise AdaptorError("nothing to optimise: the adaptors returned no "
                                                "logits, losses or matched features")
-                        self._validated = True
                         log.record(progress.writer_step, progress.global_step, total, parts)
                         runtime.backward(total / accumulation)
                     progress.writer_step += 1
