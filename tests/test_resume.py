@@ -65,6 +65,7 @@ def _run(kind, output_dir, stop_at=None, resume_from=None, init_seed=0, **train)
     def callback(model, step):
         if step == stop_at:
             raise Interrupt
+        torch.rand(3)  # evaluation draws random numbers (a DataLoader iterator does)
 
     train_args = dict(scheduler_class=torch.optim.lr_scheduler.StepLR,
                       scheduler_args={"step_size": 2, "gamma": 0.5}, max_grad_norm=1.0,

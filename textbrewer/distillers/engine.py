@@ -438,7 +438,14 @@ class AbstractDistiller:
             ckpt.atomic_save(self.model_S.state_dict(), path)
             if callback is not None:
                 logger.info("Running callback at global step %d", global_step)
-                callback(model=self.model_S, step=global_step)
+                # Evaluation must not change training: random numbers the callback draws
+                # (a DataLoader iterator draws one) would shift every later draw, and a
+                # resumed run, whose state was saved before the callback, would diverge.
+                rng_state = get_rng_state()
+                try:
+                    callback(model=self.model_S, step=global_step)
+                finally:
+                    set_rng_state(rng_state)
                 self.model_S.train()
         self.runtime.barrier()
 

@@ -1,0 +1,252 @@
+"""Quickstart: distil a 4-layer transformer into a 2-layer one on handwritten digits.
+
+The data is scikit-learn's bundled copy of the UCI optical-recognition digits (1797
+images of 8x8 pixels, no download). Each image is read as a sequence of 8 tokens (its
+rows), each token 8 pixel intensities scaled to [0, 1], and classified into 10 digits
+by :class:`textbrewer.testing.TinyTransformer`.
+
+Three runs on one fixed, seeded train/test split (1347 / 450 images):
+
+1. the teacher (width 64, 4 layers, 4 heads), trained with ``BasicTrainer``;
+2. the student (width 16, 2 layers, 2 heads) trained alone for ``--epochs``, the baseline;
+3. the same student, from the same initial weights, distilled from the teacher with
+   ``GeneralDistiller``: KD on the logits (temperature 4), the hard labels, the
+   student's hidden states 0, 1, 2 matched (through a learned linear projection 16 -> 64)
+   to the teacher's 0, 2, 4, and the last layers' attention distributions matched;
+   the same number of epochs as the baseline.
+
+It prints the held-out test accuracy of each model with the parameter counts, and
+writes the same numbers to ``{output_dir}/results.json``.
+
+Run:
+    python examples/quickstart.py                     # about 45 s on 2 CPU cores
+    python examples/quickstart.py --quick             # about 8 s (used by the tests)
+    python examples/quickstart.py --epochs 60 --output-dir runs/digits
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import textbrewer
+from textbrewer import BasicTrainer, DistillationConfig, GeneralDistiller, TrainingConfig
+from textbrewer.testing import TinyTransformer, tiny_adaptor
+from textbrewer.utils import count_parameters, seed_everything
+
+# The two architectures. The tests build models from these same dicts (via results.json).
+TEACHER_CONFIG = dict(input_dim=8, hidden_size=64, num_layers=4, num_heads=4, num_labels=10,
+                      max_length=8, dropout=0.1)
+STUDENT_CONFIG = dict(input_dim=8, hidden_size=16, num_layers=2, num_heads=2, num_labels=10,
+                      max_length=8, dropout=0.1)
+
+
+# ---------------------------------------------------------------------------------- data
+def load_data(seed: int, test_size: float = 0.25) -> Dict[str, List[Dict[str, torch.Tensor]]]:
+    """The digits as lists of examples ``{'features': (8, 8) float, 'labels': () long}``."""
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)  # pixel values are 0..16
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, digits.target, test_size=test_size, random_state=seed, stratify=digits.target)
+
+    def examples(x, y):
+        return [{"features": torch.from_numpy(row), "labels": torch.tensor(label)}
+                for row, label in zip(x, y)]
+
+    return {"train": examples(train_x, train_y), "test": examples(test_x, test_y)}
+
+
+def train_loader(examples, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    # A seeded generator: the shuffles are the same on every run.
+    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, examples, device: torch.device,
+             batch_size: int = 256) -> float:
+    """Share of ``examples`` the model classifies correctly (eval mode, restored after).
+
+    Plain slicing rather than a DataLoader: a DataLoader iterator draws from torch's global
+    random generator, so evaluating in a callback would change the rest of training.
+    """
+    was_training = model.training
+    model.eval()
+    features = torch.stack([example["features"] for example in examples])
+    labels = torch.stack([example["labels"] for example in examples])
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        logits = model(features=features[start:start + batch_size].to(device))["logits"]
+        correct += (logits.argmax(-1).cpu() == labels[start:start + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / len(examples)
+
+
+# ---------------------------------------------------------------------------------- training
+def make_callback(name: str, test_set, device, history: List[Dict[str, Any]]) -> Callable:
+    """``callback(model, step)``: the distiller calls it after saving each checkpoint.
+
+    It only reports progress; no checkpoint is selected by it (that would be tuning on the
+    test set): the table shows the final models.
+    """
+    def callback(model, step):
+        score = accuracy(model, test_set, device)
+        history.append({"step": step, "accuracy": score})
+        print(f"  [{name}] step {step:4d}: test accuracy {score:.4f}", flush=True)
+    return callback
+
+
+def optimizer_and_schedule(model: torch.nn.Module, lr: float, total_steps: int):
+    """AdamW and a linear decay to zero, built by the distiller as ``scheduler_class``
+    (so the projections the distiller adds to the optimizer are scheduled too)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = dict(scheduler_class=torch.optim.lr_scheduler.LambdaLR,
+                    scheduler_args={"lr_lambda": lambda step: max(0.0, 1 - step / total_steps)})
+    return optimizer, schedule
+
+
+def train_config(args: argparse.Namespace, name: str, device: torch.device,
+                 epochs: int) -> TrainingConfig:
+    """Checkpoints (``gs{step}.pkl``) three times per run, so the callback reports thrice."""
+    return TrainingConfig(device=device, output_dir=os.path.join(args.output_dir, name),
+                          ckpt_epoch_frequency=max(1, epochs // 3), seed=args.seed,
+                          log_steps=50)
+
+
+def train_alone(name, model, data, args, device, epochs, history) -> None:
+    """Supervised training on the hard labels: the teacher, or the student baseline."""
+    loader = train_loader(data["train"], args.batch_size, args.seed)
+    optimizer, schedule = optimizer_and_schedule(model, args.lr, epochs * len(loader))
+    trainer = BasicTrainer(train_config(args, name, device, epochs), model, tiny_adaptor)
+    with trainer:
+        trainer.train(optimizer, loader, num_epochs=epochs, **schedule,
+                      callback=make_callback(name, data["test"], device, history))
+
+
+def distil(teacher, student, data, args, device, history) -> None:
+    """The student learns from the teacher's logits, hidden states and attentions."""
+    width_S, width_T = STUDENT_CONFIG["hidden_size"], TEACHER_CONFIG["hidden_size"]
+    distill_config = DistillationConfig(
+        temperature=args.temperature,
+        kd_loss_type="ce",
+        kd_loss_weight=1.0,
+        hard_label_weight=1.0,
+        intermediate_matches=[
+            # Student layer i (0 = embeddings) imitates teacher layer 2i, through a
+            # learned projection from the student's width to the teacher's.
+            *({"layer_T": 2 * i, "layer_S": i, "feature": "hidden", "loss": "hidden_mse",
+               "weight": 1.0, "proj": ["linear", width_S, width_T]} for i in range(3)),
+            # Last layers' attention distributions (2 vs 4 heads: averaged over heads).
+            {"layer_T": TEACHER_CONFIG["num_layers"] - 1,
+             "layer_S": STUDENT_CONFIG["num_layers"] - 1,
+             "feature": "attention", "loss": "attention_ce_mean", "weight": 1.0},
+        ])
+    loader = train_loader(data["train"], args.batch_size, args.seed)
+    optimizer, schedule = optimizer_and_schedule(student, args.lr, args.epochs * len(loader))
+    distiller = GeneralDistiller(train_config(args, "distilled_student", device, args.epochs),
+                                 distill_config, model_T=teacher, model_S=student,
+                                 adaptor_T=tiny_adaptor, adaptor_S=tiny_adaptor)
+    with distiller:
+        distiller.train(optimizer, loader, num_epochs=args.epochs, **schedule,
+                        callback=make_callback("distilled", data["test"], device, history))
+
+
+# ---------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default="./output_quickstart",
+                        help="checkpoints (gs*.pkl) and results.json go here")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of each student run, alone and distilled: the same "
+                             "budget for both (default 30; 3 with --quick)")
+    parser.add_argument("--teacher-epochs", type=int, default=None,
+                        help="epochs of the teacher (default twice --epochs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a much smaller run, for tests (seconds)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the split, the initial weights and the shuffles")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 30
+    if args.teacher_epochs is None:
+        args.teacher_epochs = 2 * args.epochs
+    for name in ("epochs", "teacher_epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+    data = load_data(args.seed)
+    print(f"digits: {len(data['train'])} training and {len(data['test'])} test images, "
+          f"device {device}; teacher {args.teacher_epochs} epochs, students {args.epochs} "
+          f"epochs each")
+
+    torch.manual_seed(args.seed)
+    teacher = TinyTransformer(**TEACHER_CONFIG).to(device)
+    torch.manual_seed(args.seed + 1)
+    student_init = TinyTransformer(**STUDENT_CONFIG)
+    student_alone = copy.deepcopy(student_init).to(device)   # identical starting weights
+    student_distilled = copy.deepcopy(student_init).to(device)
+
+    history: Dict[str, List[Dict[str, Any]]] = {"teacher": [], "student_alone": [],
+                                                "distilled_student": []}
+    print("1/3 teacher, trained on the labels")
+    train_alone("teacher", teacher, data, args, device, args.teacher_epochs,
+                history["teacher"])
+    print("2/3 student alone, trained on the labels")
+    train_alone("student_alone", student_alone, data, args, device, args.epochs,
+                history["student_alone"])
+    print("3/3 student distilled from the teacher")
+    distil(teacher, student_distilled, data, args, device, history["distilled_student"])
+
+    models = {"teacher": teacher, "student_alone": student_alone,
+              "distilled_student": student_distilled}
+    results: Dict[str, Any] = {"models": {}}
+    for name, model in models.items():
+        results["models"][name] = {"accuracy": accuracy(model, data["test"], device),
+                                   "parameters": count_parameters(model)}
+    results["size_ratio"] = (results["models"]["teacher"]["parameters"]
+                             / results["models"]["student_alone"]["parameters"])
+    results["configs"] = {"teacher": TEACHER_CONFIG, "student": STUDENT_CONFIG}
+    results["run"] = {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
+                      "lr": args.lr, "temperature": args.temperature,
+                      "batch_size": args.batch_size, "quick": args.quick, "seed": args.seed,
+                      "device": str(device), "textbrewer": textbrewer.__version__,
+                      "seconds": round(time.perf_counter() - started, 1)}
+    results["history"] = history
+
+    print()
+    print(f"{'model':<20}{'test accuracy':>15}{'parameters':>13}")
+    for name, row in results["models"].items():
+        print(f"{name:<20}{row['accuracy']:>15.4f}{row['parameters']:>13,d}")
+    gain = (results["models"]["distilled_student"]["accuracy"]
+            - results["models"]["student_alone"]["accuracy"])
+    print(f"the student is {results['size_ratio']:.1f}x smaller than the teacher; distillation "
+          f"changed its accuracy by {100 * gain:+.1f} points; {results['run']['seconds']:.0f} s")
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "results.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
