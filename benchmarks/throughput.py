@@ -192,14 +192,16 @@ def run_hand_written(args, size, device):
             loss = -(p_T * F.log_softmax(out_S["logits"] / temperature, dim=-1)).sum(-1).mean()
             loss = loss + out_S["losses"].mean()
             if args.job == "full":
-                mask = batch["attention_mask"].to(out_S["logits"].dtype)
+                mask = batch["attention_mask"]
                 for projection, (s, t) in zip(projections, hidden):
                     diff = projection(out_S["hidden"][s]) - out_T["hidden"][t]
-                    loss = loss + (diff.pow(2) * mask.unsqueeze(-1)).sum() / \
-                        (mask.sum() * size["hidden_T"]).clamp(min=1)
-                pair = mask[:, None, :, None] * mask[:, None, None, :]
+                    weights = mask.to(diff.dtype)  # the features' dtype: no mixed-dtype ops
+                    loss = loss + (diff.pow(2) * weights.unsqueeze(-1)).sum() / \
+                        (weights.sum() * size["hidden_T"]).clamp(min=1)
                 for s, t in attention:
                     diff = out_S["attention"][s] - out_T["attention"][t]
+                    weights = mask.to(diff.dtype)
+                    pair = weights[:, None, :, None] * weights[:, None, None, :]
                     loss = loss + (diff.pow(2) * pair).sum() / \
                         (pair.sum() * size["heads"]).clamp(min=1)
         loss.backward()
