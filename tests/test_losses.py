@@ -15,7 +15,7 @@ from torch.testing import assert_close
 import textbrewer  # noqa: F401  (fills the registries)
 from textbrewer.losses import (att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss,
                                cos_loss, fsp_loss, hid_mse_loss, kd_ce_loss, kd_kl_loss,
-                               kd_mse_loss, mmd_loss, pkd_loss)
+                               kd_mse_loss, mmd_loss, mmd_normalized_loss, pkd_loss)
 from textbrewer.registry import KD_LOSSES, MATCH_LOSSES
 
 DOUBLE = torch.float64
@@ -188,12 +188,17 @@ def _ref_fsp(states_S, states_T, mask):
     return total / count
 
 
-def _ref_mmd(states_S, states_T, mask):
-    """G[b, i, j] = Σ_d x0[i, d] x1[j, d] / D (D per side); masked over (i, j) pairs."""
+def _ref_mmd(states_S, states_T, mask, divide_masked_by_length=False):
+    """G[b, i, j] = Σ_d x0[i, d] x1[j, d] / D (D per side); masked over (i, j) pairs.
+
+    ``divide_masked_by_length``: with a mask, divide G by the length L instead of D
+    (TextBrewer 0.2.1's masked branch).
+    """
     def gram(first, second):
         X0, X1 = first.tolist(), second.tolist()
         width = len(X1[0][0])
-        return [[[sum(X0[b][i][d] * X1[b][j][d] for d in range(width)) / width
+        divisor = len(X1[0]) if (mask is not None and divide_masked_by_length) else width
+        return [[[sum(X0[b][i][d] * X1[b][j][d] for d in range(width)) / divisor
                   for j in range(len(X1[b]))] for i in range(len(X0[b]))]
                 for b in range(len(X0))]
 
@@ -549,12 +554,19 @@ class TestMMDLoss:
         zeros = torch.zeros(1, 2, 4)
         assert_close(mmd_loss([x, x], [zeros, zeros]), torch.tensor((0.25 + 0.25) / 4))
 
-    def test_masked_divides_by_hidden_size_not_length(self):
-        # Same tensors; mask keeps position 0: only pair (0, 0), error 0.5² over len² = 1.
-        # TextBrewer 0.2.1 divided by L = 2 here and got 1.0.
+    def test_masked_divides_by_length_as_textbrewer_021(self):
+        # Same tensors; mask keeps position 0: only pair (0, 0). 0.2.1 divides G by L = 2:
+        # G[0, 0] = 2 / 2 = 1, error 1² over len² = 1 -> 1.0 (the recipes' weights assume it).
         x = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]])
         zeros = torch.zeros(1, 2, 4)
         assert_close(mmd_loss([x, x], [zeros, zeros], torch.tensor([[1, 0]])),
+                     torch.tensor(1.0))
+
+    def test_normalized_variant_divides_by_hidden_size(self):
+        # G[0, 0] = 2 / 4 = 0.5: error 0.25 over len² = 1.
+        x = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]])
+        zeros = torch.zeros(1, 2, 4)
+        assert_close(mmd_normalized_loss([x, x], [zeros, zeros], torch.tensor([[1, 0]])),
                      torch.tensor(0.25))
 
     @pytest.mark.parametrize("name", ["mmd", "nst"])
@@ -563,21 +575,34 @@ class TestMMDLoss:
         states_S = [_randn(2, 4, 3, seed=1), _randn(2, 4, 3, seed=2)]   # D_S = 3
         states_T = [_randn(2, 4, 5, seed=3), _randn(2, 4, 5, seed=4)]   # D_T = 5
         mask = MASK if use_mask else None
+        expected = _ref_mmd(states_S, states_T, None if mask is None else mask.tolist(),
+                            divide_masked_by_length=True)
+        assert_close(MATCH_LOSSES[name](states_S, states_T, mask), _scalar(expected))
+
+    @pytest.mark.parametrize("name", ["mmd_normalized", "nst_normalized"])
+    @pytest.mark.parametrize("use_mask", [False, True], ids=["no_mask", "mask"])
+    def test_normalized_against_loop(self, name, use_mask):
+        states_S = [_randn(2, 4, 3, seed=1), _randn(2, 4, 3, seed=2)]
+        states_T = [_randn(2, 4, 5, seed=3), _randn(2, 4, 5, seed=4)]
+        mask = MASK if use_mask else None
         expected = _ref_mmd(states_S, states_T, None if mask is None else mask.tolist())
         assert_close(MATCH_LOSSES[name](states_S, states_T, mask), _scalar(expected))
 
-    def test_all_ones_mask_agrees_with_no_mask(self):
-        # L ≠ D so that dividing by the wrong one would show.
+    def test_all_ones_mask_scales_by_width_over_length_squared(self):
+        # L = 4 ≠ D = 3/7: 0.2.1's masked value is the unmasked one with each G scaled by
+        # D/L; with equal widths on both sides that is a factor (D/L)² on the loss.
         states_S = [_randn(2, 4, 3, seed=5), _randn(2, 4, 3, seed=6)]
-        states_T = [_randn(2, 4, 7, seed=7), _randn(2, 4, 7, seed=8)]
-        assert_close(mmd_loss(states_S, states_T, torch.ones(2, 4)),
+        states_T = [_randn(2, 4, 3, seed=7), _randn(2, 4, 3, seed=8)]
+        ones = torch.ones(2, 4)
+        assert_close(mmd_loss(states_S, states_T, ones), mmd_loss(states_S, states_T) * (3 / 4) ** 2)
+        assert_close(mmd_normalized_loss(states_S, states_T, ones),
                      mmd_loss(states_S, states_T))
 
 
 # ============================================================ all masked: 0, not NaN
 MASKABLE = [name for name in MATCH_LOSSES.names() if name != "pkd"]   # pkd ignores the mask
 
-RELATION = {"fsp", "gram", "mmd", "nst"}
+RELATION = {"fsp", "gram", "mmd", "nst", "mmd_normalized", "nst_normalized"}
 CROSS_ENTROPY = {"ce", "attention_ce", "attention_ce_mean"}   # minimal, not 0, at S == T
 
 

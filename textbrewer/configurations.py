@@ -180,7 +180,7 @@ class TrainingConfig(Config):
             raise ValueError(f"resume_from must be a path or 'latest', got {self.resume_from!r}")
 
 
-_RELATION_LOSSES = ("fsp", "gram", "mmd", "nst")
+_RELATION_LOSSES = ("fsp", "gram", "mmd", "nst", "mmd_normalized", "nst_normalized")
 
 
 @dataclass

@@ -177,3 +177,9 @@ PROJECTIONS = Registry("projection")
 WEIGHT_SCHEDULERS = Registry("weight scheduler")
 #: Temperature schedules: ``fn(logits_S, logits_T, base_temperature) -> float or (N,) tensor``.
 TEMPERATURE_SCHEDULERS = Registry("temperature scheduler")
+#: Token-level LM divergences: ``fn(logits_S, logits_T, mask=None, **options) -> scalar``
+#: (see :mod:`textbrewer.losses.token`).
+TOKEN_LOSSES = Registry("token loss")
+#: Losses that own trainable weights (regressors, embedding heads, negative queues):
+#: ``cls(**options) -> nn.Module`` whose ``forward(feature_S, feature_T, mask=None)`` is a scalar.
+LOSS_MODULES = Registry("loss module")

@@ -3,16 +3,16 @@
 Response (logits): :func:`kd_ce_loss`, :func:`kd_mse_loss`, :func:`kd_kl_loss`.
 Feature (one layer): :func:`att_mse_loss`, :func:`att_mse_sum_loss`, :func:`att_ce_loss`,
 :func:`att_ce_mean_loss`, :func:`hid_mse_loss`, :func:`cos_loss`, :func:`pkd_loss`.
-Relation (two layers): :func:`fsp_loss`, :func:`mmd_loss`.
+Relation (two layers): :func:`fsp_loss`, :func:`mmd_loss`, :func:`mmd_normalized_loss`.
 
 Importing this package registers them in :data:`textbrewer.registry.KD_LOSSES` and
 :data:`textbrewer.registry.MATCH_LOSSES`.
 """
 from .feature import (att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss,
                       cos_loss, hid_mse_loss, pkd_loss)
-from .relation import fsp_loss, mmd_loss
+from .relation import fsp_loss, mmd_loss, mmd_normalized_loss
 from .response import kd_ce_loss, kd_kl_loss, kd_mse_loss
 
 __all__ = ["kd_ce_loss", "kd_mse_loss", "kd_kl_loss", "att_mse_loss", "att_mse_sum_loss",
            "att_ce_loss", "att_ce_mean_loss", "hid_mse_loss", "cos_loss", "pkd_loss",
-           "fsp_loss", "mmd_loss"]
+           "fsp_loss", "mmd_loss", "mmd_normalized_loss"]
