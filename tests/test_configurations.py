@@ -239,8 +239,8 @@ class TestIntermediateMatch:
         ({"loss": "hiden_mse"},
          r"unknown match loss 'hiden_mse'; valid choices: \[.*'hidden_mse'.*\] "
          r"\(did you mean 'hidden_mse'\?\)"),
-        ({"weight": "1"}, r"weight must be a number, got '1'"),
-        ({"weight": True}, r"weight must be a number, got True"),
+        ({"weight": "1"}, r"weight must be a finite number, got '1'"),
+        ({"weight": True}, r"weight must be a finite number, got True"),
         ({"layer_T": [0, 4]}, r"layer_T and layer_S must both be ints or both be lists"),
         ({"layer_S": 1.0}, r"layer_S must be an int or a list of ints, got 1.0"),
         ({"layer_T": [], "layer_S": []}, r"layer_T must be an int or a list of ints, got \[\]"),
@@ -248,7 +248,7 @@ class TestIntermediateMatch:
                           r"of two indices"),
         ({"loss": "fsp", "layer_T": [0, 1, 2], "layer_S": [0, 1, 2]}, r"loss 'fsp' relates two"),
         ({"proj": ["lin", 3, 4]},
-         r"unknown projection 'lin'; valid choices: \['linear', 'relu', 'tanh'\] "
+         r"unknown projection 'lin'; valid choices: \[.*'linear', 'relu', 'tanh'\] "
          r"\(did you mean 'linear'\?\)"),
         ({"proj": ["linear", 3]}, r"proj must be \[name, dim_in, dim_out\] or "
                                   r"\[name, dim_in, dim_out, param_group_options\]"),
@@ -319,16 +319,16 @@ class TestDistillationConfig:
          r"\['constant', 'cwsm', 'flsw'\].*\(or 'none'\)"),
         ({"hard_label_weight_scheduler": "linear"},
          r"^hard_label_weight_scheduler: unknown weight scheduler 'linear'; valid choices: "
-         r"\['linear_decay', 'linear_growth'\].*\(or 'none'\)"),
+         r"\[.*'linear_decay', 'linear_growth'.*\].*\(or 'none'\)"),
         ({"kd_loss_weight_scheduler": "decay"},
          r"^kd_loss_weight_scheduler: unknown weight scheduler 'decay'; valid choices: "
-         r"\['linear_decay', 'linear_growth'\]"),
+         r"\[.*'linear_decay', 'linear_growth'.*\]"),
         ({"intermediate_matches": [_match(), _match(feature="hid")]},
          r"^intermediate_matches\[1\]: intermediate match \(layer_T=4, layer_S=1\): "
          r"feature must be one of \['hidden', 'attention'\]"),
         ({"intermediate_matches": [_match(proj=["lin", 3, 4])]},
          r"^intermediate_matches\[0\]: .*unknown projection 'lin'; valid choices: "
-         r"\['linear', 'relu', 'tanh'\]"),
+         r"\[.*'linear', 'relu', 'tanh'.*\]"),
         ({"intermediate_matches": [_match(bogus=1)]},
          r"^intermediate_matches\[0\]: intermediate match: unknown keys \['bogus'\]"),
         ({"intermediate_matches": [("hidden", 1, 4)]},

@@ -1,5 +1,6 @@
 """Mixed precision, compile, and the non-finite-loss stop, on CPU (CUDA variants skip)."""
 import math
+import os
 
 import pytest
 import torch
@@ -98,9 +99,14 @@ def test_non_finite_loss_names_the_step_and_the_term(tmp_path, log_steps):
 
     trainer = BasicTrainer(TrainingConfig(device="cpu", output_dir=str(tmp_path),
                                           log_steps=log_steps), model, adaptor)
+    # log_steps=1 checks every micro-batch before its step; 50 finds it at the first
+    # checkpoint, the end of the epoch (3 micro-batches, so 3 optimizer steps applied)
+    applied = 2 if log_steps == 1 else 3
     with pytest.raises(NonFiniteLossError,
-                       match=r"'total_loss' is nan at micro-batch 2 \(after 2 optimizer steps\)"):
+                       match=rf"'total_loss' is nan at micro-batch 2 \(during optimizer step 3\); "
+                             rf"detected at the next check, after {applied} optimizer steps"):
         trainer.train(torch.optim.SGD(model.parameters(), lr=0.1), _loader(), num_epochs=1)
+    assert not os.path.exists(tmp_path / "gs3.pkl")  # no checkpoint of a broken student
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

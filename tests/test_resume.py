@@ -6,7 +6,7 @@ import torch
 
 from textbrewer import (BasicDistiller, DistillationConfig, GeneralDistiller, MultiTaskDistiller,
                         TrainingConfig)
-from textbrewer.checkpoint import latest_state_path
+from textbrewer.checkpoint import latest_state_path, state_path
 from textbrewer.utils import seed_everything
 from textbrewer.testing import TinyTransformer, make_classification_data, tiny_adaptor
 
@@ -31,7 +31,7 @@ MATCHES = [{"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse
             "weight": 1}]
 
 
-def _build(kind, output_dir, resume_from=None, init_seed=0, **train):
+def _build(kind, output_dir, resume_from=None, init_seed=0, stop_at=None, **train):
     torch.manual_seed(0)  # the teachers are fixed (pretrained) models, the same every run
     teacher = TinyTransformer(vocab_size=12, hidden_size=16, num_layers=2, dropout=0.1)
     second = TinyTransformer(vocab_size=12, hidden_size=16, num_layers=2, dropout=0.1)
@@ -55,17 +55,32 @@ def _build(kind, output_dir, resume_from=None, init_seed=0, **train):
             hard_label_weight=0.5, hard_label_weight_scheduler="linear_growth",
             temperature_scheduler=["flsw", 1, 2], intermediate_matches=MATCHES),
             teacher, student, tiny_adaptor, tiny_adaptor)
+    if stop_at is not None:
+        # "killed" at the first micro-batch after checkpoint stop_at was completely written
+        # (weights, callback, then the training state)
+        finished = state_path(str(output_dir), stop_at)
+        adaptor_S = distiller.adaptor_S
+
+        def interrupting(name=None):
+            def adaptor(batch, outputs):
+                if os.path.exists(finished):
+                    raise Interrupt
+                return (adaptor_S[name] if name else adaptor_S)(batch, outputs)
+            return adaptor
+        distiller.adaptor_S = ({name: interrupting(name) for name in adaptor_S}
+                               if isinstance(adaptor_S, dict) else interrupting())
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
     return distiller, student, optimizer
 
 
 def _run(kind, output_dir, stop_at=None, resume_from=None, init_seed=0, **train):
-    distiller, student, optimizer = _build(kind, output_dir, resume_from, init_seed, **train)
+    distiller, student, optimizer = _build(kind, output_dir, resume_from, init_seed, stop_at,
+                                           **train)
 
     def callback(model, step):
-        if step == stop_at:
-            raise Interrupt
-        torch.rand(3)  # evaluation draws random numbers (a DataLoader iterator does)
+        # evaluation draws random numbers (a DataLoader iterator does); as in TextBrewer
+        # 0.2.1 they shift training, and the resumed run must continue from them
+        torch.rand(3)
 
     train_args = dict(scheduler_class=torch.optim.lr_scheduler.StepLR,
                       scheduler_args={"step_size": 2, "gamma": 0.5}, max_grad_norm=1.0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
@@ -119,8 +120,19 @@ class TrainingConfig(Config):
             non-finite check. TensorBoard still gets one point per micro-batch.
         seed: if set, seeds ``random``, ``numpy`` and ``torch`` when training starts.
         resume_from: a training-state file written by a previous run, or ``'latest'``
-            for the newest one in ``output_dir`` (nothing to resume from is not an error
-            with ``'latest'``: training starts from scratch).
+            for the newest complete one in ``output_dir`` (nothing to resume from is not an
+            error with ``'latest'``: training starts from scratch; an incomplete or
+            unreadable newest state is skipped, with a warning, for the one before it).
+        keep_train_states: how many of the newest resumable ``gs{N}.train_state.pt`` files
+            to keep (default 1; ``None`` keeps all). The ``gs{N}.pkl`` student weights are
+            never deleted.
+        isolate_callback_rng: restore the random-number state after each callback, so an
+            evaluation that draws random numbers does not shift training. Off by default:
+            TextBrewer 0.2.1 shares the generators with the callback, and its published
+            results include that effect.
+        check_finite_every_step: check every micro-batch's loss terms for NaN/inf before
+            its optimizer step (one host sync per micro-batch) instead of every
+            ``log_steps`` micro-batches, so no step is ever applied after a non-finite loss.
     """
 
     gradient_accumulation_steps: int = 1
@@ -139,6 +151,9 @@ class TrainingConfig(Config):
     log_steps: int = 20
     seed: Optional[int] = None
     resume_from: Optional[str] = None
+    keep_train_states: Optional[int] = 1
+    isolate_callback_rng: bool = False
+    check_finite_every_step: bool = False
 
     def __post_init__(self) -> None:
         _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
@@ -178,6 +193,19 @@ class TrainingConfig(Config):
                              "mutually exclusive; set only one of them")
         if self.resume_from is not None and not isinstance(self.resume_from, (str, os.PathLike)):
             raise ValueError(f"resume_from must be a path or 'latest', got {self.resume_from!r}")
+        if self.keep_train_states is not None:
+            _check_int("keep_train_states", self.keep_train_states, 1)
+        for name in ("isolate_callback_rng", "check_finite_every_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("log_dir", "output_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a path, got {value!r}")
+            if isinstance(value, str) and not value.strip():
+                raise ValueError(f"{name}={value!r} is not a folder"
+                                 + ("; use log_dir=None to turn TensorBoard off"
+                                    if name == "log_dir" else ""))
 
 
 _RELATION_LOSSES = ("fsp", "gram", "mmd", "nst", "mmd_normalized", "nst_normalized")
@@ -216,8 +244,11 @@ class IntermediateMatch:
             MATCH_LOSSES.validate(self.loss)
         except KeyError as error:
             raise ValueError(f"{where}: {error}") from None
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
-            raise ValueError(f"{where}: weight must be a number, got {self.weight!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
+                or not math.isfinite(self.weight):
+            raise ValueError(f"{where}: weight must be a finite number, got {self.weight!r}")
+        if self.weight < 0:
+            raise ValueError(f"{where}: weight must be >= 0, got {self.weight!r}")
         layers_are_lists = [isinstance(x, (list, tuple)) for x in (self.layer_T, self.layer_S)]
         if layers_are_lists[0] != layers_are_lists[1]:
             raise ValueError(f"{where}: layer_T and layer_S must both be ints or both be lists")
@@ -331,8 +362,15 @@ class DistillationConfig(Config):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        for name in ("hard_label_weight", "kd_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r} (a negative "
+                                 f"weight maximises the term; register a loss that returns its "
+                                 f"negative if that is really meant)")
         try:
             KD_LOSSES.validate(self.kd_loss_type)
         except KeyError as error:

@@ -9,17 +9,85 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional, Tuple
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["LossLog", "NonFiniteLossError", "logger"]
+__all__ = ["LossLog", "NonFiniteLossError", "logger", "set_verbosity", "get_verbosity",
+           "disable_default_handler", "enable_default_handler"]
 
 logger = logging.getLogger("textbrewer")
 
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+class _DefaultHandler(logging.StreamHandler):
+    """Prints the library's records to stderr unless the application configured logging.
+
+    When the root logger has handlers (``logging.basicConfig`` or similar), records reach
+    them by propagation and this handler stays silent, so nothing is printed twice and the
+    application's format wins. Otherwise the library is not mute in a batch job, where the
+    progress bar is off because stderr is not a terminal.
+    """
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s textbrewer: %(message)s",
+                                            datefmt="%Y-%m-%d %H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        self.stream = sys.stderr  # follow a redirected stderr (pytest's capture, say)
+        super().emit(record)
+
+
+_default_handler = _DefaultHandler()
+
+
+def set_verbosity(level: Union[int, str]) -> None:
+    """Sets the level of the ``'textbrewer'`` logger: ``'info'`` (default: progress lines),
+    ``'warning'`` (only problems), ``'debug'``, ... or a ``logging`` level number.
+
+    The environment variable ``TEXTBREWER_VERBOSITY`` sets the initial level.
+    """
+    if isinstance(level, str):
+        if level.lower() not in _LEVELS:
+            raise ValueError(f"unknown verbosity {level!r}; valid choices: {list(_LEVELS)}")
+        level = _LEVELS[level.lower()]
+    logger.setLevel(level)
+
+
+def get_verbosity() -> int:
+    """The ``'textbrewer'`` logger's effective level."""
+    return logger.getEffectiveLevel()
+
+
+def disable_default_handler() -> None:
+    """Stops the library's own stderr handler (records still propagate to the root logger)."""
+    logger.removeHandler(_default_handler)
+
+
+def enable_default_handler() -> None:
+    """Restores the library's stderr handler (on by default)."""
+    if _default_handler not in logger.handlers:
+        logger.addHandler(_default_handler)
+
+
+enable_default_handler()
+set_verbosity(os.environ.get("TEXTBREWER_VERBOSITY", "info"))
+
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite; the message names the step and the term."""
+    """A loss term (or the student's weights) became NaN or infinite.
+
+    The message names the first non-finite term, the micro-batch, and how many optimizer
+    steps had been applied when it was detected.
+    """
 
 
 class LossLog:
@@ -46,22 +114,48 @@ class LossLog:
                                  disable=None, unit="batch", dynamic_ncols=True)
         self._pending: List[Tuple[int, int, Tuple[str, ...], torch.Tensor]] = []
         self.last_values: Dict[str, float] = {}
+        self._samples = 0
+        self._clock = time.perf_counter()
+
+    def count_samples(self, samples: int) -> None:
+        """Adds a micro-batch's number of examples (for samples/s in progress lines)."""
+        self._samples += samples
+
+    def progress_line(self, global_step: int, total_steps: float, epoch: int,
+                      num_epochs: Optional[int], applied_steps: Optional[int] = None) -> str:
+        """``step N/T (epoch e/E) loss x, S samples/s`` since the previous line (flushes)."""
+        self.flush(applied_steps)
+        now = time.perf_counter()
+        rate = self._samples / max(now - self._clock, 1e-9)
+        self._samples, self._clock = 0, now
+        loss = self.last_values.get("total_loss")
+        epochs = f" (epoch {epoch + 1}/{num_epochs})" if num_epochs else ""
+        total = int(total_steps) if float(total_steps).is_integer() else total_steps
+        return (f"step {global_step}/{total}{epochs} loss "
+                f"{'n/a' if loss is None else f'{loss:.4g}'}, {rate:.1f} samples/s")
 
     def record(self, writer_step: int, global_step: int, total: torch.Tensor,
                parts: Dict[str, torch.Tensor]) -> None:
         """Keeps ``total`` and ``parts`` (detached, on the device) for the next flush."""
-        names = ("total_loss",) + tuple(parts)
+        names = tuple(parts) + ("total_loss",)
         reference = total if isinstance(total, torch.Tensor) else None
-        values = [_as_tensor(total, reference)] + [_as_tensor(v, reference)
-                                                   for v in parts.values()]
+        values = [_as_tensor(v, reference) for v in parts.values()] + \
+            [_as_tensor(total, reference)]
         self._pending.append((writer_step, global_step, names, torch.stack(values)))
         if self.progress is not None:
             self.progress.update(1)
         if len(self._pending) >= self.log_steps:
             self.flush()
 
-    def flush(self) -> None:
-        """Copies pending values to the host (one sync), checks them, writes them."""
+    def flush(self, applied_steps: Optional[int] = None) -> None:
+        """Copies pending values to the host (one sync), checks them, writes them.
+
+        Args:
+            applied_steps: optimizer steps applied so far, for the error message.
+
+        Raises:
+            NonFiniteLossError: a pending value is NaN or infinite (the first one is named).
+        """
         if not self._pending:
             return
         host = torch.cat([values for *_, values in self._pending]).cpu()
@@ -72,9 +166,18 @@ class LossLog:
             for name, value in zip(names, row):
                 if not math.isfinite(value):
                     self._pending.clear()
+                    applied = global_step if applied_steps is None else applied_steps
+                    late = applied - global_step
                     raise NonFiniteLossError(
-                        f"loss term '{name}' is {value} at micro-batch {writer_step} "
-                        f"(after {global_step} optimizer steps); stopping training")
+                        f"loss term '{name}' is {value} at micro-batch {writer_step} (during "
+                        f"optimizer step {global_step + 1}); detected at the next check, after "
+                        f"{applied} optimizer steps had been applied"
+                        + (f" ({late} of them after the bad micro-batch, so the student's "
+                           f"weights are probably no longer finite)" if late > 0 else "")
+                        + f"; stopping training. No checkpoint was written after it. Losses are "
+                        f"checked every log_steps={self.log_steps} micro-batches; "
+                        f"TrainingConfig(check_finite_every_step=True) checks every micro-batch "
+                        f"before its optimizer step (one host sync each)")
                 if self.writer is not None:
                     self.writer.add_scalar(f"scalar/{name}", value, writer_step)
             self.last_values = dict(zip(names, row))
@@ -82,15 +185,19 @@ class LossLog:
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{self.last_values['total_loss']:.4g}", refresh=False)
 
+    def discard_pending(self) -> None:
+        """Drops values not yet flushed (after an error, so closing does not raise again)."""
+        self._pending.clear()
+
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         """Writes one extra scalar (already on the host) to TensorBoard, if enabled."""
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
 
-    def close(self) -> None:
+    def close(self, applied_steps: Optional[int] = None) -> None:
         """Flushes and closes TensorBoard and the progress bar."""
         try:
-            self.flush()
+            self.flush(applied_steps)
         finally:
             if self.writer is not None:
                 self.writer.close()

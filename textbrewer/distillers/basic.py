@@ -10,6 +10,7 @@ from ..configurations import DistillationConfig, TrainingConfig
 from ..logs import logger
 from .composer import LossComposer
 from .engine import AbstractDistiller, TrainingPlan, split_batch
+from .legacy import LegacyDistillationView
 from .sources import CachedSource, get_rng_state, set_rng_state
 
 __all__ = ["BasicDistiller"]
@@ -47,15 +48,28 @@ class BasicDistiller(AbstractDistiller):
         if distill_config.intermediate_matches and not self.uses_intermediate_matches:
             logger.warning("%s ignores intermediate_matches (as TextBrewer 0.2.1 did); use "
                            "GeneralDistiller to train them", type(self).__name__)
-        self.caching_logits = distill_config.is_caching_logits and self.supports_logits_caching
         if distill_config.is_caching_logits and not self.supports_logits_caching:
             logger.warning("%s does not cache logits (is_caching_logits ignored, as in "
                            "TextBrewer 0.2.1)", type(self).__name__)
         self.composer = LossComposer(distill_config, use_matches=self.uses_intermediate_matches,
                                      require_logits=not self.uses_intermediate_matches)
         self.composer.to(self.runtime.device)
+        #: TextBrewer 0.2.1's view of the configuration (resolved schedules, current weights)
+        self.d_config = LegacyDistillationView(distill_config, self.composer)
+        #: the KD loss function (0.2.1's attribute)
+        self.kd_loss = self.composer.kd_loss
+        #: one projection (or None) per intermediate match, and its param-group options
+        #: (0.2.1's attributes; a subclass may replace them, see extra_trainable_modules)
+        self.projs = self.composer.projections_per_match()
+        self.projs_group = [None if projection is None else dict(options) for projection, options
+                            in zip(self.projs, self.composer.groups_per_match())]
         self.logits_cache: List[Any] = []
         self._cache_rng: Optional[Dict[str, Any]] = None
+
+    @property
+    def caching_logits(self) -> bool:
+        """Whether the teacher's logits are cached (read when training starts, as 0.2.1 did)."""
+        return bool(self.d_config.is_caching_logits) and self.supports_logits_caching
 
     # schedules -------------------------------------------------------------------------------
     def update_schedules(self, progress: float) -> None:
@@ -63,9 +77,6 @@ class BasicDistiller(AbstractDistiller):
 
     def _reset_schedules(self) -> None:
         self.composer.reset_weights()
-
-    def extra_trainable_modules(self) -> List[Tuple[nn.Module, Dict[str, Any]]]:
-        return list(zip(self.composer.projections, self.composer.projection_groups))
 
     # models ------------------------------------------------------------------------------------
     def teacher_outputs(self, teacher_batch: Any, args: Dict[str, Any]) -> Any:
@@ -107,7 +118,12 @@ class BasicDistiller(AbstractDistiller):
                 results_T["logits_mask"] = results_S["logits_mask"]
         else:
             results_S, results_T = self.run_models(batch, args)
-        return self.composer.compose(results_S, results_T)
+        return self.compute_loss(results_S, results_T)
+
+    def compute_loss(self, results_S: Dict[str, Any], results_T: Dict[str, Any]):
+        """The total loss and its unweighted parts from the two adaptors' outputs
+        (TextBrewer 0.2.1's method; override it to add a term)."""
+        return self.composer.compose(results_S, results_T, projections=self.projs)
 
     # logits caching -------------------------------------------------------------------------
     def _plan(self, dataloader, num_epochs, num_steps, batch_postprocessor):

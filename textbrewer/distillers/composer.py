@@ -14,6 +14,7 @@ from torch import nn
 
 from ..adaptors import AdaptorError
 from ..configurations import DistillationConfig, IntermediateMatch
+from ..logs import logger
 from ..registry import (KD_LOSSES, MATCH_LOSSES, PROJECTIONS, TEMPERATURE_SCHEDULERS,
                         WEIGHT_SCHEDULERS)
 
@@ -119,6 +120,22 @@ class LossComposer(nn.Module):
             self.projections.append(PROJECTIONS[name](dim_in, dim_out))
             self.projection_groups.append(dict(options))
         self.match_losses = [MATCH_LOSSES[match.loss] for match in self.matches]
+        self._warned: set = set()
+
+    def projections_per_match(self) -> List[Optional[nn.Module]]:
+        """The projection of each intermediate match, or None (TextBrewer 0.2.1's ``projs``)."""
+        return [None if index is None else self.projections[index]
+                for index in self.projection_of_match]
+
+    def groups_per_match(self) -> List[dict]:
+        """The param-group options of each match's projection ({} without one)."""
+        return [{} if index is None else self.projection_groups[index]
+                for index in self.projection_of_match]
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
 
     # weights ------------------------------------------------------------------------------
     def update_weights(self, progress: float) -> None:
@@ -143,6 +160,10 @@ class LossComposer(nn.Module):
         for head, (head_S, head_T) in enumerate(zip(logits_S, logits_T)):
             if labels is not None and self.config.probability_shift:
                 head_T = probability_shift_(head_T, labels[head])
+            if head_S.dim() >= 1 and head_S.size(0) == 0:
+                # logits_mask kept no position: a mean over no rows would be NaN
+                total = total + head_S.sum() * 0
+                continue
             temperature = self.config.temperature
             if self.temperature_scheduler is not None:
                 temperature = self.temperature_scheduler(head_S, head_T, temperature)
@@ -150,7 +171,8 @@ class LossComposer(nn.Module):
         return total
 
     def compose(self, results_S: Dict[str, Any], results_T: Dict[str, Any],
-                custom_terms: Sequence[Tuple[str, float, torch.Tensor]] = ()
+                custom_terms: Sequence[Tuple[str, float, torch.Tensor]] = (),
+                projections: Optional[Sequence[Optional[nn.Module]]] = None
                 ) -> Tuple[torch.Tensor, Parts]:
         """The total loss and its unweighted parts (TensorBoard names without 'scalar/').
 
@@ -158,6 +180,8 @@ class LossComposer(nn.Module):
             results_S: the student adaptor's normalised output.
             results_T: the teacher's (for several teachers, logits already averaged).
             custom_terms: extra ``(name, weight, loss)`` terms (custom matches).
+            projections: one module (or None) per intermediate match, applied to the
+                student's feature; default: the ones built from the configuration.
         """
         parts: Parts = {}
         total = 0
@@ -169,8 +193,14 @@ class LossComposer(nn.Module):
         elif self.require_logits:
             side = "student's" if "logits" not in results_S else "teacher's"
             raise AdaptorError(f"the {side} adaptor returned no 'logits' (needed for the KD loss)")
+        elif self.config.kd_loss_weight > 0:
+            side = "student's" if "logits" not in results_S else "teacher's"
+            # 0.2.1 skipped the term silently and feature-only recipes rely on that
+            self._warn_once("kd", f"kd_loss_weight={self.config.kd_loss_weight} but the {side} "
+                                  f"adaptor returns no 'logits': the KD term is left out. Set "
+                                  f"kd_loss_weight=0 if that is intended")
         for index, match in enumerate(self.matches):
-            loss = self.match_term(index, match, results_S, results_T)
+            loss = self.match_term(index, match, results_S, results_T, projections)
             total = total + loss * match.weight
             parts[match.name] = loss
         for name, weight, loss in custom_terms:
@@ -182,6 +212,10 @@ class LossComposer(nn.Module):
                 hard = hard + loss.mean()
             total = total + hard * self.hard_label_weight
             parts["unweighted_hard_label_loss"] = hard
+        elif self.config.hard_label_weight > 0:
+            self._warn_once("hard", f"hard_label_weight={self.config.hard_label_weight} but the "
+                                    f"student's adaptor returns no 'losses' (or None): the "
+                                    f"hard-label term is left out")
         return total, parts
 
     def select_logits(self, results_S, results_T):
@@ -208,6 +242,24 @@ class LossComposer(nn.Module):
                                       if "logits_mask" in results_S else ""))
         return logits_S, logits_T, labels
 
+    @staticmethod
+    def _check_inputs_mask(index: int, match: IntermediateMatch, mask: Any, feature_S: Any):
+        if not isinstance(mask, torch.Tensor):
+            raise AdaptorError(f"the student's adaptor returned 'inputs_mask' as "
+                               f"{type(mask).__name__}; expected a (batch, length) tensor")
+        first = feature_S[0] if isinstance(feature_S, list) else feature_S
+        if match.feature == "attention":
+            expected = (first.size(0), first.size(-1))
+        elif first.dim() >= 3:
+            expected = (first.size(0), first.size(1))
+        else:
+            return  # (batch, width) features have no positions to mask
+        if tuple(mask.shape) != expected:
+            raise AdaptorError(f"intermediate_matches[{index}] ({match.feature}, {match.loss}): "
+                               f"'inputs_mask' has shape {tuple(mask.shape)} but the student's "
+                               f"{match.feature} {tuple(first.shape)} needs (batch, length) = "
+                               f"{expected}")
+
     def _features(self, results, feature, layers, side, index, match):
         if results.get(feature) is None:
             raise AdaptorError(f"intermediate_matches[{index}] ({match.loss}, layer_T="
@@ -227,15 +279,21 @@ class LossComposer(nn.Module):
             picked.append(available[layer])
         return picked if isinstance(layers, list) else picked[0]
 
-    def match_term(self, index: int, match: IntermediateMatch, results_S, results_T):
+    def match_term(self, index: int, match: IntermediateMatch, results_S, results_T,
+                   projections: Optional[Sequence[Optional[nn.Module]]] = None):
         """One intermediate-match loss, with a clear error on bad layers or shapes."""
         feature_S = self._features(results_S, match.feature, match.layer_S, "student", index,
                                    match)
         feature_T = self._features(results_T, match.feature, match.layer_T, "teacher", index,
                                    match)
         projection_index = self.projection_of_match[index]
-        if projection_index is not None:
-            projection = self.projections[projection_index]
+        projection = None if projection_index is None else self.projections[projection_index]
+        if projections is not None:
+            projection = projections[index] if index < len(projections) else None
+        if projection is not None and match.proj is None:
+            feature_S = ([projection(state) for state in feature_S]
+                         if isinstance(feature_S, list) else projection(feature_S))
+        elif projection is not None:
             _, dim_in, dim_out, _ = match.proj
             for value, dim, side in ((feature_S, dim_in, "student"), (feature_T, dim_out,
                                                                        "teacher")):
@@ -249,8 +307,11 @@ class LossComposer(nn.Module):
                 feature_S = [projection(state) for state in feature_S]
             else:
                 feature_S = projection(feature_S)
+        mask = results_S.get("inputs_mask")
+        if mask is not None:
+            self._check_inputs_mask(index, match, mask, feature_S)
         try:
-            return self.match_losses[index](feature_S, feature_T, mask=results_S.get("inputs_mask"))
+            return self.match_losses[index](feature_S, feature_T, mask=mask)
         except (RuntimeError, ValueError, IndexError) as error:
             raise AdaptorError(f"intermediate_matches[{index}] ({match.feature}, {match.loss}, "
                                f"layer_T={match.layer_T}, layer_S={match.layer_S}): student "

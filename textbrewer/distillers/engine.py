@@ -7,11 +7,21 @@ logging, checkpoints, callbacks, resuming and distributed training.
 
 One optimizer step, in order: forward + loss for each micro-batch of the accumulation
 window (backward after each), then clip, optimizer step, LR-scheduler step, zero_grad,
-weight schedules, and, when due, checkpoint + callback.
+weight schedules, and, when due, the student's weights (``gs{N}.pkl``), the callback, and
+the resumable state (``gs{N}.train_state.pt``, written after the callback so that a
+resumed run continues from the random-number state the callback left, as an
+uninterrupted run does).
+
+TextBrewer 0.2.1's method structure is kept, so a 0.2.1-style subclass runs unchanged:
+``train()`` calls :meth:`AbstractDistiller.initialize_training`, then
+:meth:`~AbstractDistiller.train_with_num_steps` or
+:meth:`~AbstractDistiller.train_with_num_epochs`; each micro-batch goes through
+:meth:`~AbstractDistiller.train_on_batch` and :meth:`~AbstractDistiller.write_loss`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -22,13 +32,14 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..adaptors import AdaptorError, normalize_adaptor_output
+from ..checkpoint import CheckpointError
 from ..configurations import DistillationConfig, TrainingConfig
-from ..logs import LossLog, logger
+from ..logs import LossLog, NonFiniteLossError, logger
 from ..utils import seed_everything
 from .runtime import Runtime
 from .sources import CycleSource, EmptyDataError, EpochSource, get_rng_state, set_rng_state
 
-__all__ = ["AbstractDistiller", "TrainingPlan", "forward_model", "split_batch"]
+__all__ = ["AbstractDistiller", "TrainingPlan", "forward_model", "split_batch", "no_op"]
 
 Parts = Dict[str, torch.Tensor]
 
@@ -57,20 +68,41 @@ def split_batch(batch: Any) -> Tuple[Any, Any, Any]:
     return batch, batch, None
 
 
+class no_op:
+    """Stands in for TensorBoard's writer when logging is off (TextBrewer 0.2.1's name)."""
+
+    @staticmethod
+    def add_scalar(*args, **kwargs) -> None:
+        pass
+
+
 @dataclasses.dataclass
 class TrainingPlan:
     """How long to train and when to save.
 
-    ``num_epochs`` is 1 in step mode (the data source cycles forever).
+    ``num_epochs`` is what ``train()`` was given (1 in step mode, where the data source
+    cycles forever); it may be fractional. ``total_steps`` sizes the weight schedules
+    (``global_step / total_steps``, as TextBrewer 0.2.1: ``steps_per_epoch · num_epochs``),
+    and training stops after ``final_step = floor(total_steps)`` optimizer steps.
     """
 
     mode: str  # 'epochs' or 'steps'
-    num_epochs: int
+    num_epochs: float
     total_steps: float
     steps_per_epoch: Optional[int]
     checkpoint_offsets: Tuple[int, ...] = ()
     ckpt_epoch_frequency: int = 1
     ckpt_steps: Optional[int] = None
+
+    @property
+    def final_step(self) -> int:
+        """The last optimizer step of the run."""
+        return int(self.total_steps)
+
+    @property
+    def epochs_to_run(self) -> int:
+        """Passes over the data: ``ceil(num_epochs)`` (the last one may stop early)."""
+        return math.ceil(self.num_epochs)
 
     def is_checkpoint(self, global_step: int, epoch: int) -> bool:
         """Whether to save after optimizer step ``global_step`` in ``epoch`` (0-based)."""
@@ -78,8 +110,10 @@ class TrainingPlan:
             return (self.ckpt_steps is not None and global_step % self.ckpt_steps == 0) \
                 or global_step == self.total_steps
         in_epoch = global_step % self.steps_per_epoch in self.checkpoint_offsets
-        epoch_due = (epoch + 1) % self.ckpt_epoch_frequency == 0 or epoch + 1 == self.num_epochs
-        return in_epoch and epoch_due
+        epoch_due = (epoch + 1) % self.ckpt_epoch_frequency == 0 \
+            or epoch + 1 == self.epochs_to_run
+        # a fractional num_epochs ends inside an epoch: its last step is saved too
+        return (in_epoch and epoch_due) or global_step == self.final_step
 
 
 @dataclasses.dataclass
@@ -117,6 +151,20 @@ def _restore_modes(models: Any, modes: Any) -> None:
         models.train(modes)
 
 
+def _batch_size(batch: Any) -> int:
+    """Examples in a batch: the first dimension of the first tensor found (0 if none)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.size(0) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            size = _batch_size(item)
+            if size:
+                return size
+    return 0
+
+
 def _all_modules(models: Any) -> List[nn.Module]:
     if models is None:
         return []
@@ -141,6 +189,12 @@ class _Trainable(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.student(*args, **kwargs)
+
+
+#: Student forwards in use by running trainings, by id(student): TextBrewer 0.2.1-style
+#: code calls ``model_S(...)`` itself (``get_outputs_from_batch``); routing it through the
+#: same DDP/compile wrapper as our own path keeps gradient synchronisation working.
+ACTIVE_STUDENT_FORWARDS: Dict[int, Callable] = {}
 
 
 class AbstractDistiller:
@@ -186,15 +240,30 @@ class AbstractDistiller:
         self._trainable: nn.Module = model_S
         self._student_forward: Callable = model_S
         self._teacher_forwards: Any = model_T
+        self._loss_log: Optional[LossLog] = None
+        self._progress = _Progress()
 
     # ---------------------------------------------------------------- what subclasses give
     def train_on_batch(self, batch: Any, args: Dict[str, Any]) -> Tuple[torch.Tensor, Parts]:
-        """One micro-batch to ``(total_loss, {name: unweighted term})``. Override this."""
+        """One micro-batch to ``(total_loss, {name: unweighted term})`` (or just the total
+        loss, as TextBrewer 0.2.1's BasicTrainer returned). Override this."""
         raise NotImplementedError
 
     def extra_trainable_modules(self) -> List[Tuple[nn.Module, Dict[str, Any]]]:
-        """Modules trained with the student (projections), each with its param-group options."""
-        return []
+        """Modules trained with the student, each with its param-group options.
+
+        By default, TextBrewer 0.2.1's contract: the modules in ``self.projs`` (``None``
+        entries skipped) with the options in ``self.projs_group``.
+        """
+        projections = getattr(self, "projs", None) or []
+        groups = list(getattr(self, "projs_group", None) or [])
+        groups += [None] * (len(projections) - len(groups))
+        modules, seen = [], set()
+        for module, group in zip(projections, groups):
+            if isinstance(module, nn.Module) and id(module) not in seen:
+                seen.add(id(module))
+                modules.append((module, dict(group or {})))
+        return modules
 
     def extra_state(self) -> Dict[str, Any]:
         """Extra training state of a subclass, saved in resumable checkpoints."""
@@ -222,6 +291,25 @@ class AbstractDistiller:
             raise AdaptorError(f"{role} is not callable (got {type(adaptor).__name__})")
         return normalize_adaptor_output(adaptor(batch, outputs), role)
 
+    @property
+    def tb_writer(self) -> Any:
+        """TensorBoard's ``SummaryWriter`` of the running training (``no_op`` when off or
+        outside ``train()``), for subclasses that log their own scalars."""
+        writer = self._loss_log.writer if self._loss_log is not None else None
+        return writer if writer is not None else no_op
+
+    def write_loss(self, total_loss: torch.Tensor, writer_step: int,
+                   losses_dict: Optional[Parts] = None) -> None:
+        """Records a micro-batch's losses for TensorBoard (``scalar/total_loss`` and
+        ``scalar/{name}``), the progress bar and the non-finite check.
+
+        Values stay on the device and are copied every ``log_steps`` micro-batches.
+        """
+        if self._loss_log is None:
+            raise RuntimeError("write_loss is called by the training loop, inside train()")
+        self._loss_log.record(writer_step, self._progress.global_step, total_loss,
+                              losses_dict or {})
+
     # ---------------------------------------------------------------- context
     def __enter__(self):
         self._modes = (_set_modes(self.model_T, False), _set_modes(self.model_S, True))
@@ -247,7 +335,8 @@ class AbstractDistiller:
                 as extra param groups).
             dataloader: iterable of batches: dicts (``model(**batch, **args)``), tuples
                 (``model(*batch, **args)``) or ``{'teacher': ..., 'student': ...}``.
-            num_epochs: train for this many passes over ``dataloader``.
+            num_epochs: train for this many passes over ``dataloader`` (may be fractional:
+                1.5 stops half-way through the second pass).
             scheduler_class: LR-scheduler class (or factory), built as
                 ``scheduler_class(optimizer=optimizer, **scheduler_args)`` after the
                 projections join the optimizer.
@@ -257,26 +346,56 @@ class AbstractDistiller:
             max_grad_norm: clip the student's gradient norm to this (≤ 0: no clipping).
             num_steps: train for this many optimizer steps, cycling ``dataloader`` (which
                 may have no length). Exactly one of ``num_epochs`` and ``num_steps``.
-            callback: ``callback(model=student, step=global_step)`` after each checkpoint.
+            callback: ``callback(model=student, step=global_step)`` after each checkpoint
+                (main process only). It receives the unwrapped student, left in whatever
+                mode the callback puts it (usually ``eval()``); training puts it back in
+                train mode afterwards.
             batch_postprocessor: ``batch -> batch`` applied to every batch first.
             **args: extra keyword arguments for every model call.
 
         Raises:
             ValueError: both or neither of ``num_epochs``/``num_steps``, an empty
-                dataloader, or a setting this distiller does not support.
+                dataloader, an optimizer that holds none of the student's parameters, or a
+                setting this distiller does not support.
         """
         if (num_epochs is None) == (num_steps is None):
             raise ValueError(f"give exactly one of num_epochs and num_steps (got "
                              f"num_epochs={num_epochs!r}, num_steps={num_steps!r})")
-        plan, source = self._plan(dataloader, num_epochs, num_steps, batch_postprocessor)
-        self._fit(optimizer, plan, source, scheduler_class, scheduler_args, scheduler,
-                  max_grad_norm, callback, args)
+        self._plan(dataloader, num_epochs, num_steps, batch_postprocessor)  # checks, no effects
+        optimizer, scheduler, tqdm_disable = self.initialize_training(
+            optimizer, scheduler_class, scheduler_args, scheduler)
+        if num_steps is not None:
+            self.train_with_num_steps(optimizer, scheduler, tqdm_disable, dataloader,
+                                      max_grad_norm, num_steps, callback, batch_postprocessor,
+                                      **args)
+        else:
+            self.train_with_num_epochs(optimizer, scheduler, tqdm_disable, dataloader,
+                                       max_grad_norm, num_epochs, callback, batch_postprocessor,
+                                       **args)
+
+    def train_with_num_steps(self, optimizer, scheduler, tqdm_disable, dataloader,
+                             max_grad_norm, num_steps, callback, batch_postprocessor, **args):
+        """Step mode (TextBrewer 0.2.1's signature), after :meth:`initialize_training`."""
+        plan, source = self._plan(dataloader, None, num_steps, batch_postprocessor)
+        self._fit(optimizer, plan, source, scheduler, max_grad_norm, callback, args)
+
+    def train_with_num_epochs(self, optimizer, scheduler, tqdm_disable, dataloader,
+                              max_grad_norm, num_epochs, callback, batch_postprocessor, **args):
+        """Epoch mode (TextBrewer 0.2.1's signature), after :meth:`initialize_training`."""
+        plan, source = self._plan(dataloader, num_epochs, None, batch_postprocessor)
+        if self.t_config.ckpt_steps is not None:
+            logger.warning("TrainingConfig.ckpt_steps=%s is ignored in epoch mode "
+                           "(train(num_epochs=...)); checkpoints follow ckpt_frequency and "
+                           "ckpt_epoch_frequency. Use train(num_steps=...) for ckpt_steps",
+                           self.t_config.ckpt_steps)
+        self._fit(optimizer, plan, source, scheduler, max_grad_norm, callback, args)
 
     def _plan(self, dataloader, num_epochs, num_steps, batch_postprocessor):
         """The plan and data source for ``train()``; subclasses may replace the source."""
         accumulation = self.t_config.gradient_accumulation_steps
         if num_steps is not None:
-            if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+            if isinstance(num_steps, bool) or not isinstance(num_steps, (int, float)) \
+                    or int(num_steps) != num_steps or num_steps < 1:
                 raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
             if hasattr(dataloader, "__len__") and len(dataloader) == 0:
                 raise EmptyDataError("the dataloader is empty (len(dataloader) == 0)")
@@ -284,8 +403,8 @@ class AbstractDistiller:
                                 ckpt_steps=self.t_config.ckpt_steps)
             return plan, CycleSource(dataloader, batch_postprocessor)
         if isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, float)) \
-                or int(num_epochs) < 1:
-            raise ValueError(f"num_epochs must be a number >= 1, got {num_epochs!r}")
+                or not math.isfinite(num_epochs) or num_epochs <= 0:
+            raise ValueError(f"num_epochs must be a positive number, got {num_epochs!r}")
         if not hasattr(dataloader, "__len__"):
             raise ValueError("num_epochs needs a dataloader with a length; use num_steps for "
                              "iterables without one")
@@ -296,45 +415,54 @@ class AbstractDistiller:
             raise ValueError(f"the dataloader has {len(dataloader)} batches, fewer than "
                              f"gradient_accumulation_steps={accumulation}: no optimizer step "
                              f"would ever be taken")
+        if int(steps_per_epoch * num_epochs) < 1:
+            raise ValueError(f"num_epochs={num_epochs!r} of {steps_per_epoch} optimizer steps "
+                             f"per epoch is less than one optimizer step")
         frequency = self.t_config.ckpt_frequency
         offsets = tuple(sorted({int(steps_per_epoch * i / frequency) for i in range(frequency)}))
-        plan = TrainingPlan("epochs", int(num_epochs), steps_per_epoch * num_epochs,
+        plan = TrainingPlan("epochs", num_epochs, steps_per_epoch * num_epochs,
                             steps_per_epoch, offsets, self.t_config.ckpt_epoch_frequency)
         return plan, EpochSource(dataloader, batch_postprocessor)
 
     # The loop --------------------------------------------------------------------------------
-    def _fit(self, optimizer, plan: TrainingPlan, source, scheduler_class, scheduler_args,
-             scheduler, max_grad_norm, callback, args) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
-        self._check_devices()
+    def _fit(self, optimizer, plan: TrainingPlan, source, scheduler, max_grad_norm, callback,
+             args) -> None:
         if self.t_config.seed is not None:
             seed_everything(self.t_config.seed + self.runtime.rank)
-        optimizer, scheduler = self._prepare(optimizer, scheduler_class, scheduler_args,
-                                             scheduler)
-        progress = _Progress()
+        progress = self._progress = _Progress()
         saved = self._load_resume_state(plan)
+        if saved is None and self.runtime.is_main and os.path.isdir(self.t_config.output_dir):
+            for path in ckpt.remove_stale_temporaries(self.t_config.output_dir):
+                logger.warning("Removed %s, a temporary file left by an interrupted run", path)
         self._before_training(plan, source, saved["distiller"] if saved else None)
         resume_rng = self._apply_resume(saved, optimizer, scheduler, source, progress)
+        if progress.global_step >= plan.final_step:
+            logger.warning("Nothing to do: the run in %s is complete (global step %d of %d). "
+                           "Use another output_dir, or resume_from=None, to train again",
+                           self.t_config.output_dir, progress.global_step, plan.final_step)
+            return
         os.makedirs(self.t_config.output_dir, exist_ok=True)
         if progress.global_step == 0:
             self._reset_schedules()
         else:
             self.update_schedules(progress.global_step / plan.total_steps)
         runtime, accumulation = self.runtime, self.t_config.gradient_accumulation_steps
-        micro_total = (len(getattr(source, "loader", ())) * plan.num_epochs
-                       if plan.mode == "epochs" and hasattr(getattr(source, "loader", None),
-                                                            "__len__")
-                       else int(plan.total_steps) * accumulation)
-        log = LossLog(self.t_config.log_dir, self.t_config.log_steps, runtime.is_main,
-                      micro_total, progress.writer_step)
+        strict = self.t_config.check_finite_every_step
+        loader = getattr(source, "loader", None)
+        micro_total = (int(len(loader) * plan.num_epochs)
+                       if plan.mode == "epochs" and hasattr(loader, "__len__")
+                       else plan.final_step * accumulation)
+        log = self._loss_log = LossLog(self.t_config.log_dir, self.t_config.log_steps,
+                                       runtime.is_main, micro_total, progress.writer_step)
         modes = (_set_modes(self.model_T, False), _set_modes(self.model_S, True))
         clip_parameters = list(self.model_S.parameters())
+        print_every = max(1, plan.final_step // self.print_freq)
+        epochs = plan.epochs_to_run if plan.mode == "epochs" else None
+        ACTIVE_STUDENT_FORWARDS[id(self.model_S)] = self._student_forward
         logger.info("Training: %s, %s optimizer steps, checkpoints to %s", plan.mode,
-                    plan.total_steps, self.t_config.output_dir)
+                    plan.final_step, self.t_config.output_dir)
         try:
-            for epoch in range(progress.epoch, plan.num_epochs):
+            for epoch in range(progress.epoch, plan.epochs_to_run):
                 progress.epoch = epoch
                 if progress.micro_in_epoch == 0:
                     optimizer.zero_grad()
@@ -346,11 +474,11 @@ class AbstractDistiller:
                     ends_window = (progress.micro_in_epoch + 1) % accumulation == 0
                     with runtime.no_sync(self._trainable, skip=not ends_window):
                         with runtime.autocast():
-                            total, parts = self.train_on_batch(batch, args)
-                        if not isinstance(total, torch.Tensor):
-                            raise AdaptorError("nothing to optimise: the adaptors returned no "
-                                               "logits, losses or matched features")
-                        log.record(progress.writer_step, progress.global_step, total, parts)
+                            total, parts = _as_loss_and_parts(self.train_on_batch(batch, args))
+                        self.write_loss(total, progress.writer_step, parts)
+                        log.count_samples(_batch_size(batch))
+                        if strict:
+                            log.flush(progress.global_step)
                         runtime.backward(total / accumulation)
                     progress.writer_step += 1
                     progress.micro_in_epoch += 1
@@ -362,29 +490,45 @@ class AbstractDistiller:
                     optimizer.zero_grad()
                     progress.global_step += 1
                     self.update_schedules(progress.global_step / plan.total_steps)
-                    if progress.global_step % max(1, int(plan.total_steps) // self.print_freq) == 0:
-                        logger.info("Global step: %d/%s, epoch %d", progress.global_step,
-                                    plan.total_steps, epoch + 1)
+                    if progress.global_step % print_every == 0:
+                        logger.info(log.progress_line(progress.global_step, plan.final_step,
+                                                      epoch, epochs, progress.global_step))
                     if plan.is_checkpoint(progress.global_step, epoch):
-                        log.flush()
-                        self._save(progress, optimizer, scheduler, plan, source)
+                        log.flush(progress.global_step)
+                        self._check_student_is_finite(progress.global_step)
                         self.save_and_callback(progress.global_step, progress.micro_in_epoch - 1,
                                                epoch, callback)
-                    if progress.global_step >= plan.total_steps:
+                        self._save(progress, optimizer, scheduler, plan, source)
+                    if progress.global_step >= plan.final_step:
                         break
                 progress.micro_in_epoch = 0
-                if progress.global_step >= plan.total_steps:
+                if progress.global_step >= plan.final_step:
                     break
+            log.flush(progress.global_step)
         finally:
+            ACTIVE_STUDENT_FORWARDS.pop(id(self.model_S), None)
             if runtime.scaler is not None:
                 skipped = int(runtime.skipped_steps)
                 log.add_scalar("scalar/fp16_skipped_steps", skipped, progress.writer_step)
-                logger.info("fp16: the grad scaler skipped %d of %d optimizer steps", skipped,
-                            progress.global_step)
+                if skipped:
+                    logger.warning("fp16: the grad scaler skipped %d of %d optimizer steps "
+                                   "(inf/NaN gradients)", skipped, progress.global_step)
+            self._loss_log = None
+            log.discard_pending()
             log.close()
             _restore_modes(self.model_T, modes[0])
             _restore_modes(self.model_S, modes[1])
         logger.info("Training finished after %d optimizer steps", progress.global_step)
+
+    def _check_student_is_finite(self, global_step: int) -> None:
+        """Refuses to checkpoint non-finite weights (one host sync per checkpoint)."""
+        finite = [parameter.detach().isfinite().all() for parameter in self.model_S.parameters()]
+        if finite and not bool(torch.stack(finite).all()):
+            names = [name for name, parameter in self.model_S.named_parameters()
+                     if not bool(parameter.detach().isfinite().all())]
+            raise NonFiniteLossError(f"the student's parameters are not finite after optimizer "
+                                     f"step {global_step} (e.g. {names[:3]}); gs{global_step}.pkl "
+                                     f"was not written, the newest checkpoint is an earlier one")
 
     def _before_training(self, plan: TrainingPlan, source,
                          saved_extra: Optional[Dict[str, Any]]) -> None:
@@ -407,7 +551,34 @@ class AbstractDistiller:
                     raise ValueError(f"{role} is on {parameter.device} but TrainingConfig.device "
                                      f"is {device}; move it with .to({str(device)!r}) first")
 
-    def _prepare(self, optimizer, scheduler_class, scheduler_args, scheduler):
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        student = {id(p) for p in self.model_S.parameters()}
+        teacher = {id(p) for module in _all_modules(self.model_T)
+                   for p in module.parameters()} - student
+        if held & teacher:
+            raise ValueError(f"the optimizer holds {len(held & teacher)} of the teacher's "
+                             f"parameters; the teacher is frozen. Build the optimizer from "
+                             f"model_S.parameters()")
+        if not held & student:
+            raise ValueError(f"the optimizer holds none of the student's parameters (it holds "
+                             f"{len(held)} others), so training would change nothing. Build it "
+                             f"from model_S.parameters()")
+
+    def initialize_training(self, optimizer: torch.optim.Optimizer,
+                            scheduler_class: Optional[Callable],
+                            scheduler_args: Optional[Dict[str, Any]], scheduler: Any):
+        """Checks the optimizer and devices, adds the extra modules' param groups, builds
+        the LR scheduler, wraps the student for DDP / compile.
+
+        Returns:
+            ``(optimizer, scheduler, tqdm_disable)``, as TextBrewer 0.2.1.
+        """
+        self._check_optimizer(optimizer)
+        self._check_devices()
         extras = self.extra_trainable_modules()
         existing = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for module, options in extras:
@@ -422,7 +593,7 @@ class AbstractDistiller:
         self._trainable = self.runtime.wrap_trainable(trainable)
         self._student_forward = self.runtime.maybe_compile(self._trainable)
         self._teacher_forwards = _map_models(self.model_T, self.runtime.maybe_compile)
-        return optimizer, scheduler
+        return optimizer, scheduler, None if self.runtime.is_main else True
 
     # ---------------------------------------------------------------- checkpoints
     def save_and_callback(self, global_step: int, step: int, epoch: int,
@@ -430,7 +601,9 @@ class AbstractDistiller:
         """Saves ``gs{global_step}.pkl`` (main process), then runs the callback.
 
         The callback gets the unwrapped student, ``callback(model=student, step=global_step)``,
-        and the student is put back in train mode afterwards.
+        and the student is put back in train mode afterwards. It shares the random-number
+        generators with training, as in TextBrewer 0.2.1, unless
+        ``TrainingConfig.isolate_callback_rng`` is set.
         """
         if self.runtime.is_main:
             path = ckpt.student_checkpoint_path(self.t_config.output_dir, global_step)
@@ -438,14 +611,12 @@ class AbstractDistiller:
             ckpt.atomic_save(self.model_S.state_dict(), path)
             if callback is not None:
                 logger.info("Running callback at global step %d", global_step)
-                # Evaluation must not change training: random numbers the callback draws
-                # (a DataLoader iterator draws one) would shift every later draw, and a
-                # resumed run, whose state was saved before the callback, would diverge.
-                rng_state = get_rng_state()
+                rng_state = get_rng_state() if self.t_config.isolate_callback_rng else None
                 try:
                     callback(model=self.model_S, step=global_step)
                 finally:
-                    set_rng_state(rng_state)
+                    if rng_state is not None:
+                        set_rng_state(rng_state)
                 self.model_S.train()
         self.runtime.barrier()
 
@@ -462,11 +633,14 @@ class AbstractDistiller:
             gathered = [local]
         if not self.runtime.is_main:
             return
+        output_dir = self.t_config.output_dir
+        student_file = ckpt.student_checkpoint_path(output_dir, progress.global_step)
         state = {
             "format": 1,
             "progress": dataclasses.asdict(progress),
             "plan": {"mode": plan.mode, "total_steps": plan.total_steps,
                      "num_epochs": plan.num_epochs},
+            "student_file_bytes": os.path.getsize(student_file),
             "extras": [module.state_dict() for module, _ in self.extra_trainable_modules()],
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else None,
@@ -476,7 +650,10 @@ class AbstractDistiller:
             "train_config": self.t_config.to_dict(),
             "distill_config": self.d_config.to_dict() if self.d_config is not None else None,
         }
-        ckpt.atomic_save(state, ckpt.state_path(self.t_config.output_dir, progress.global_step))
+        ckpt.atomic_save(state, ckpt.state_path(output_dir, progress.global_step))
+        for path in ckpt.prune_train_states(output_dir, self.t_config.keep_train_states):
+            logger.debug("Removed the older training state %s (keep_train_states=%s)", path,
+                         self.t_config.keep_train_states)
 
     def _load_resume_state(self, plan: TrainingPlan) -> Optional[Dict[str, Any]]:
         """The training state named by ``resume_from``, checked against this run, or None."""
@@ -484,16 +661,16 @@ class AbstractDistiller:
         if target is None:
             return None
         if target == "latest":
-            path = ckpt.latest_state_path(self.t_config.output_dir)
-            if path is None:
-                logger.info("resume_from='latest': no training state in %s; starting fresh",
-                            self.t_config.output_dir)
+            state = self._latest_complete_state()
+            if state is None:
                 return None
+            path = state["path"]
         else:
-            path = str(target)
+            path = os.fspath(target)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"resume_from={target!r}: no such file")
-        state = ckpt.load_state(path)
+            state = ckpt.load_state(path)
+            state["path"] = path
         for key in ("mode", "num_epochs", "total_steps"):
             saved, current = state["plan"][key], getattr(plan, key)
             if saved != current:
@@ -502,21 +679,71 @@ class AbstractDistiller:
         if len(state["per_rank"]) != self.runtime.world_size:
             raise ValueError(f"resume_from={path!r}: saved by {len(state['per_rank'])} processes, "
                              f"this run has {self.runtime.world_size}")
-        state["path"] = path
+        if self.d_config is not None and state.get("distill_config") is not None:
+            current = self.d_config.to_dict()
+            changed = sorted(key for key in set(current) | set(state["distill_config"])
+                             if current.get(key) != state["distill_config"].get(key))
+            if changed:
+                logger.warning("resume_from=%r: the DistillationConfig differs from the one the "
+                               "checkpoint was written with, in %s; training goes on with the "
+                               "new values", path, changed)
         return state
+
+    def _latest_complete_state(self) -> Optional[Dict[str, Any]]:
+        output_dir = self.t_config.output_dir
+        candidates = ckpt.state_paths_newest_first(output_dir) if os.path.isdir(output_dir) \
+            else []
+        problems = []
+        for path in candidates:
+            try:
+                state = ckpt.load_state(path)
+            except CheckpointError as error:
+                problems.append(str(error))
+                logger.warning("resume_from='latest': skipping %s", error)
+                continue
+            state["path"] = path
+            return state
+        if problems:
+            # Starting afresh would overwrite the gs{N}.pkl files of the broken run.
+            raise CheckpointError(f"resume_from='latest': no usable training state in "
+                                  f"{output_dir}: " + "; ".join(problems))
+        logger.info("resume_from='latest': no training state in %s; starting fresh", output_dir)
+        return None
 
     def _apply_resume(self, state, optimizer, scheduler, source, progress) -> Optional[dict]:
         """Loads weights, optimizer, scheduler, scaler and data position; returns the RNG
         state to restore once the data source is positioned."""
         if state is None:
             return None
-        global_step = state["progress"]["global_step"]
-        weights = ckpt.student_checkpoint_path(os.path.dirname(state["path"]), global_step)
-        self.model_S.load_state_dict(torch.load(weights, map_location=self.runtime.device,
-                                                weights_only=True))
-        for (module, _), module_state in zip(self.extra_trainable_modules(), state["extras"]):
+        path, global_step = state["path"], state["progress"]["global_step"]
+        weights_path = ckpt.student_checkpoint_path(os.path.dirname(path), global_step)
+        weights = ckpt.load_student_weights(weights_path, map_location=self.runtime.device)
+        _check_fits(f"resume_from={path!r}: the saved student {weights_path}", weights,
+                    self.model_S.state_dict(), "model_S")
+        extras = self.extra_trainable_modules()
+        if len(state["extras"]) != len(extras):
+            raise CheckpointError(f"resume_from={path!r}: the checkpoint holds "
+                                  f"{len(state['extras'])} modules trained with the student "
+                                  f"(projections, custom-match projections), this run has "
+                                  f"{len(extras)}: intermediate_matches' proj entries or "
+                                  f"custom_matches changed since it was written")
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(optimizer.param_groups):
+            raise CheckpointError(f"resume_from={path!r}: the saved optimizer has {saved_groups} "
+                                  f"parameter groups, this run's has {len(optimizer.param_groups)}"
+                                  f" (the optimizer's construction or the projections changed)")
+        for index, ((module, _), module_state) in enumerate(zip(extras, state["extras"])):
+            _check_fits(f"resume_from={path!r}: trained module {index} "
+                        f"({type(module).__name__})", module_state, module.state_dict(),
+                        "this run's module")
+        self.model_S.load_state_dict(weights)
+        for (module, _), module_state in zip(extras, state["extras"]):
             module.load_state_dict(module_state)
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"resume_from={path!r}: the saved optimizer state does not fit "
+                                  f"this optimizer ({error})") from None
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
         if self.runtime.scaler is not None and state["scaler"] is not None:
@@ -526,8 +753,39 @@ class AbstractDistiller:
         source.load_state_dict(local["source"])
         for key, value in state["progress"].items():
             setattr(progress, key, value)
-        logger.info("Resumed from %s at global step %d", state["path"], global_step)
+        logger.info("Resumed from %s at global step %d", path, global_step)
         return local["rng"]
+
+
+def _check_fits(what: str, saved: Dict[str, Any], current: Dict[str, Any], target: str) -> None:
+    """A clear error when a saved state dict does not fit a module's (keys, shapes)."""
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    mismatched = [f"{key}: saved {tuple(saved[key].shape)}, {target} {tuple(current[key].shape)}"
+                  for key in current if key in saved and isinstance(saved[key], torch.Tensor)
+                  and saved[key].shape != current[key].shape]
+    if missing or unexpected or mismatched:
+        details = []
+        if mismatched:
+            details.append(f"shapes differ for {len(mismatched)} entries ({'; '.join(mismatched[:3])})")
+        if missing:
+            details.append(f"missing {missing[:5]}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{what} does not fit {target}: " + ", ".join(details))
+
+
+def _as_loss_and_parts(result: Any) -> Tuple[torch.Tensor, Parts]:
+    """``train_on_batch``'s result as ``(total, parts)``; a bare tensor has no parts."""
+    if isinstance(result, tuple) and len(result) == 2:
+        total, parts = result
+    else:
+        total, parts = result, {}
+    if not isinstance(total, torch.Tensor):
+        raise AdaptorError("nothing to optimise: the adaptors returned no logits, losses or "
+                           "matched features (train_on_batch gave "
+                           f"{type(total).__name__} instead of a loss tensor)")
+    return total, dict(parts or {})
 
 
 def _map_models(models: Any, function: Callable) -> Any:

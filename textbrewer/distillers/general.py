@@ -88,13 +88,30 @@ class GeneralDistiller(BasicDistiller):
             if not isinstance(match, CustomMatch):
                 raise TypeError(f"custom_matches[{index}] must be a CustomMatch, got "
                                 f"{type(match).__name__}")
-            self.custom_matches.append(match)
-            if isinstance(match.proj_func, nn.Module):
-                match.proj_func.to(self.runtime.device)
-            self._hook_handles.append(match.module_T.register_forward_hook(
-                self._capture(self._captured_T, index)))
-            self._hook_handles.append(match.module_S.register_forward_hook(
-                self._capture(self._captured_S, index)))
+            self.add_match(match)
+
+    @property
+    def has_custom_matches(self) -> bool:
+        """Whether custom matches are set (TextBrewer 0.2.1's attribute)."""
+        return bool(self.custom_matches)
+
+    def add_match(self, match: CustomMatch) -> None:
+        """Adds a custom match: forward hooks on its two modules capture their outputs.
+
+        Args:
+            match: a :class:`CustomMatch` (its modules must be submodules that run in the
+                teacher's and the student's forward passes).
+        """
+        if not isinstance(match, CustomMatch):
+            raise TypeError(f"add_match expects a CustomMatch, got {type(match).__name__}")
+        index = len(self.custom_matches)
+        self.custom_matches.append(match)
+        if isinstance(match.proj_func, nn.Module):
+            match.proj_func.to(self.runtime.device)
+        self._hook_handles.append(match.module_T.register_forward_hook(
+            self._capture(self._captured_T, index)))
+        self._hook_handles.append(match.module_S.register_forward_hook(
+            self._capture(self._captured_S, index)))
 
     def _capture(self, store: Dict[int, Any], index: int):
         def hook(module, inputs, output):
@@ -142,7 +159,12 @@ class GeneralDistiller(BasicDistiller):
 
     def train_on_batch(self, batch: Any, args: Dict[str, Any]):
         results_S, results_T = self.run_models(batch, args)
-        return self.composer.compose(results_S, results_T, self.custom_terms(results_S, results_T))
+        return self.compute_loss(results_S, results_T)
+
+    def compute_loss(self, results_S: Dict[str, Any], results_T: Dict[str, Any]):
+        """KD, intermediate-match, custom-match and hard-label terms (0.2.1's method)."""
+        return self.composer.compose(results_S, results_T, self.custom_terms(results_S, results_T),
+                                     projections=self.projs)
 
     def remove_hooks(self) -> None:
         """Detaches the custom-match hooks from the models."""

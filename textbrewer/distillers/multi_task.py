@@ -80,8 +80,9 @@ class MultiTaskDistiller(GeneralDistiller):
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         plan = TrainingPlan("steps", 1, num_steps, None, ckpt_steps=self.t_config.ckpt_steps)
         source = TaskSource(dataloaders, tau, batch_postprocessors)
-        self._fit(optimizer, plan, source, scheduler_class, scheduler_args, scheduler,
-                  max_grad_norm, callback, args)
+        optimizer, scheduler, _ = self.initialize_training(optimizer, scheduler_class,
+                                                           scheduler_args, scheduler)
+        self._fit(optimizer, plan, source, scheduler, max_grad_norm, callback, args)
 
     def train_on_batch(self, batch: Any, args: Dict[str, Any]):
         batch, task = batch

@@ -56,6 +56,12 @@ class MultiTeacherDistiller(BasicDistiller):
         if len(heads) != 1:
             raise ValueError(f"the teachers' adaptors returned different numbers of logits "
                              f"heads: {[len(r.get('logits', [])) for r in results]}")
+        for head, logits in enumerate(zip(*(result["logits"] for result in results))):
+            shapes = [tuple(value.shape) for value in logits]
+            if len(set(shapes)) != 1:
+                raise ValueError(f"logits head {head}: the teachers' logits have different "
+                                 f"shapes {shapes}; they are averaged, so every teacher must "
+                                 f"predict the same classes")
         averaged = dict(results[0])
         averaged["logits"] = [sum(head) / len(head)
                               for head in zip(*(result["logits"] for result in results))]

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..configurations import TrainingConfig
+from ..logs import logger
 
-__all__ = ["Runtime", "move_to_device"]
+__all__ = ["Runtime", "move_to_device", "cpu_has_native_bf16"]
 
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -23,15 +24,44 @@ _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Moves every tensor inside nested dicts, lists and tuples to ``device``.
 
-    Lists and tuples come back as tuples (as TextBrewer 0.2.1 did); mappings as dicts.
+    Lists and tuples come back as tuples (as TextBrewer 0.2.1 did). A mapping keeps its
+    type where the type can be built from a dict (a ``transformers.BatchEncoding``, an
+    ``OrderedDict``), so the adaptor sees what the dataloader gave; otherwise a dict.
     """
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, (list, tuple)):
         return tuple(move_to_device(item, device, non_blocking) for item in batch)
     if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device, non_blocking) for key, value in batch.items()}
+        moved = {key: move_to_device(value, device, non_blocking) for key, value in batch.items()}
+        if type(batch) is dict:
+            return moved
+        try:
+            return type(batch)(moved)
+        except Exception:  # a Mapping type that cannot be built from a dict
+            return moved
     return batch
+
+
+def cpu_has_native_bf16() -> Optional[bool]:
+    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX or Arm's BF16); None if unknown.
+
+    Read from ``/proc/cpuinfo`` (Linux); without native support, bf16 matrix products are
+    emulated and run several times slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _env_int(name: str, default: int) -> int:
@@ -68,6 +98,12 @@ class Runtime:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.precision = config.mixed_precision
+        if self.precision == "bf16" and self.device.type == "cpu" and \
+                cpu_has_native_bf16() is False:
+            logger.warning("mixed_precision='bf16' on a CPU without native bf16 (no AVX512-BF16 "
+                           "or AMX in /proc/cpuinfo): bf16 is emulated there and a step is "
+                           "typically several times slower than in fp32; "
+                           "mixed_precision='no' will be faster on this machine")
         self.autocast_dtype = _AUTOCAST_DTYPES.get(self.precision)
         self.scaler = (torch.amp.GradScaler(self.device.type)
                        if self.precision == "fp16" else None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict
 
+import torch
 from torch import nn
 
 from ..adaptors import AdaptorError
@@ -31,7 +32,8 @@ class BasicTrainer(AbstractDistiller):
         self.model = model
         self.adaptor = adaptor
 
-    def train_on_batch(self, batch: Any, args: Dict[str, Any]):
+    def train_on_batch(self, batch: Any, args: Dict[str, Any]) -> torch.Tensor:
+        """The sum of the averaged ``losses`` for one micro-batch (a tensor, as in 0.2.1)."""
         batch = self.runtime.to_device(batch)
         results = self.adapt(self.adaptor, batch, self.forward_student(batch, args),
                              "the adaptor")
@@ -41,4 +43,4 @@ class BasicTrainer(AbstractDistiller):
         total = 0
         for loss in results["losses"]:
             total = total + loss.mean()
-        return total, {}
+        return total
