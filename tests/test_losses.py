@@ -5,6 +5,7 @@ hand on tiny tensors, or a pure-Python loop over (batch, head, i, j) written her
 formulas in TEXTBREWER_0.2.1.md. The registry-wide tests at the end run on every name in
 ``KD_LOSSES`` / ``MATCH_LOSSES``, so a newly registered loss is checked the day it lands.
 """
+import inspect
 import math
 
 import pytest
@@ -603,7 +604,7 @@ class TestMMDLoss:
 MASKABLE = [name for name in MATCH_LOSSES.names() if name != "pkd"]   # pkd ignores the mask
 
 RELATION = {"fsp", "gram", "mmd", "nst", "mmd_normalized", "nst_normalized"}
-CROSS_ENTROPY = {"ce", "attention_ce", "attention_ce_mean"}   # minimal, not 0, at S == T
+CROSS_ENTROPY = {"ce", "attention_ce", "attention_ce_mean", "bce"}   # minimal, not 0, at S == T
 
 
 def _match_inputs(name, seed=0):
@@ -661,9 +662,13 @@ class TestEveryKDLoss:
         logits_S = logits_T + _randn(*shape, seed=2)
         tau = 2.0 if temperature == "float" else 1 + _rand(*shape[:-1], seed=3)
         student = logits_S.clone().requires_grad_(True)
-        loss = loss_fn(student, logits_T, tau)
+        extra = {}
+        if "labels" in inspect.signature(loss_fn).parameters:  # e.g. DKD: as the composer does
+            generator = torch.Generator().manual_seed(4)
+            extra["labels"] = torch.randint(0, shape[-1], shape[:-1], generator=generator)
+        loss = loss_fn(student, logits_T, tau, **extra)
         assert loss.dim() == 0 and torch.isfinite(loss)
-        at_teacher = loss_fn(logits_T, logits_T, tau)
+        at_teacher = loss_fn(logits_T, logits_T, tau, **extra)
         assert torch.isfinite(at_teacher)
         assert at_teacher <= loss + 1e-9
         if name not in CROSS_ENTROPY:

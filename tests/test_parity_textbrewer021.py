@@ -15,11 +15,12 @@ dataloaders), and compares:
 - the batches the student saw, in order;
 - the ``gs*.pkl`` checkpoint names and contents, and the callback calls.
 
-Cases steer around the original's known bugs (``docs/differences.md``): its
-GeneralDistiller counts only the last logits head (one head there); its 2-D
-probability_shift mishandles negative labels (none here); with a mask it divides the
-mmd/nst Gram matrices by the length, which we fix (nst/mmd only without a mask); its
-custom matches crash (none); its MultiTaskDistiller needs ``ckpt_steps``. In epoch mode
+Cases steer around the original's known bugs that we fix (``docs/differences.md``): its
+2-D probability_shift mishandles negative labels (none here); its
+custom matches crash (none); its MultiTaskDistiller needs ``ckpt_steps``.
+Callbacks draw random numbers, as evaluations do, and masked mmd/nst (the ``*_smmd``
+recipes), GeneralDistiller with two logits heads, and a subclass written against the 0.2.1
+module paths and distiller methods run unchanged with the same numbers. In epoch mode
 the original also runs the last epoch's leftover micro-batches (never stepped); ours stops
 at the last optimizer step, which changes no weight.
 """
@@ -246,10 +247,7 @@ class RunResult:
 
 
 def _projections(lib_name: str, distiller) -> List[Dict[str, torch.Tensor]]:
-    if lib_name == "orig":
-        modules = [p for p in getattr(distiller, "projs", []) if p is not None]
-    else:
-        modules = list(distiller.composer.projections) if hasattr(distiller, "composer") else []
+    modules = [p for p in getattr(distiller, "projs", []) if p is not None]
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
 
 
@@ -278,6 +276,9 @@ def _run(lib, lib_name: str, case: Case, mode: Dict[str, Any], models: Dict[str,
     def callback(model, step):
         callbacks.append((step, model is student, model.training))
         model.eval()  # the distiller must put it back in train mode (dropout is on)
+        # an evaluation draws random numbers (a shuffling DataLoader, sampling): in 0.2.1
+        # they shift every later draw of training, and its published numbers include that
+        random.random(), np.random.rand(), torch.rand(1)
 
     train_config = lib.TrainingConfig(device="cpu", output_dir=out_dir, **case.train_config)
     _seed(1)  # projections are drawn in the distiller's constructor
@@ -288,8 +289,13 @@ def _run(lib, lib_name: str, case: Case, mode: Dict[str, Any], models: Dict[str,
         classes = {"basic": lib.BasicDistiller, "general": lib.GeneralDistiller,
                    "multiteacher": lib.MultiTeacherDistiller,
                    "multitask": lib.MultiTaskDistiller}
-        distiller = classes[case.kind](train_config, distill_config, models["teacher"], student,
-                                       case.adaptor_T, case.adaptor_S)
+        if case.kind == "legacy_subclass":
+            distiller = _legacy_subclass(lib.__name__)(
+                train_config, distill_config, models["teacher"], student, case.adaptor_T,
+                case.adaptor_S, proj=["linear", 8, 16])
+        else:
+            distiller = classes[case.kind](train_config, distill_config, models["teacher"],
+                                           student, case.adaptor_T, case.adaptor_S)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.01)
     schedule = dict(scheduler_class=torch.optim.lr_scheduler.LinearLR,
                     scheduler_args={"start_factor": 1.0, "end_factor": 0.3, "total_iters": 8})
@@ -478,7 +484,10 @@ GENERAL_CASES = {
         _match([0, 2], [0, 1], "fsp", proj=["linear", 8, 16]),
         _match([1, 2], [0, 1], "gram", weight=0.5, proj=["linear", 8, 16]),
         _match(1, 1, "cos", proj=["relu", 8, 16, {"lr": 3e-3}]),
-        _match(2, 1, "pkd", proj=["tanh", 8, 16])]), ACCUMULATE, max_grad_norm=1.0),
+        _match(2, 1, "pkd", proj=["tanh", 8, 16]),
+        # the *_smmd presets' loss: 0.2.1 divides the masked Gram matrices by the length
+        _match([0, 2], [0, 1], "nst", weight=0.5),
+        _match([1, 1], [1, 0], "mmd", weight=2.0)]), ACCUMULATE, max_grad_norm=1.0),
     # no inputs_mask: attention entries <= -1e-3 zeroed, nst/mmd (widths 8 vs 16) unmasked
     "unmasked": Case("general", dict(temperature=3, kd_loss_type="mse", **SCHEDULED,
                                      intermediate_matches=[
@@ -494,6 +503,9 @@ GENERAL_CASES = {
         _match(2, 1, "pkd", proj=["linear", 8, 16])]),
         TRAIN, adaptor_T=unmasked_adaptor, adaptor_S=unmasked_adaptor),
     # temperature schedule and probability shift in GeneralDistiller's own KD block
+    # 0.2.1 keeps only the last head's KD loss in GeneralDistiller (kd_over_heads='compatible')
+    "two_heads": Case("general", dict(temperature=2), TRAIN,
+                      adaptor_T=two_heads_adaptor, adaptor_S=two_heads_adaptor),
     "flsw_probability_shift": Case("general", dict(
         temperature=2, temperature_scheduler=["flsw", 1, 2], probability_shift=True,
         intermediate_matches=[_match(1, 0, "attention_mse", "attention"),
@@ -565,14 +577,91 @@ def test_multi_task_distiller(orig, tmp_path, name):
                   f"MultiTaskDistiller/{name}/steps")
 
 
+# ---------------------------------------------------------------- a 0.2.1-style subclass
+# Written as TextBrewer 0.2.1's published custom distillers are (mnli_example's BERT-EMD
+# distiller): the 0.2.1 module paths, its own projections in self.projs, train_on_batch on
+# get_outputs_from_batch / post_adaptor, compute_loss reading self.d_config's resolved
+# temperature schedule and scheduled weights, self.kd_loss and self.tb_writer. The same
+# source runs against both libraries.
+LEGACY_SUBCLASS_SOURCE = """
+from LIB.distiller_utils import *
+from LIB.distiller_basic import BasicDistiller
+
+
+class LayerAverageDistiller(BasicDistiller):
+    def __init__(self, train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S,
+                 proj: Optional[List] = None):
+        super(LayerAverageDistiller, self).__init__(train_config, distill_config, model_T,
+                                                    model_S, adaptor_T, adaptor_S)
+        self.projs = []
+        self.projs_group = []
+        self.d_config.is_caching_logits = False
+        projection, dim_in, dim_out = proj
+        for _ in range(2):
+            self.projs.append(PROJ_MAP[projection](dim_in, dim_out))
+            self.projs[-1].to(self.t_config.device)
+            self.projs_group.append(dict())
+
+    def train_on_batch(self, batch, args):
+        (teacher_batch, results_T), (student_batch, results_S) = get_outputs_from_batch(
+            batch, self.t_config.device, self.model_T, self.model_S, args)
+        results_T = post_adaptor(self.adaptor_T(teacher_batch, results_T))
+        results_S = post_adaptor(self.adaptor_S(student_batch, results_S))
+        total_loss, losses_dict = self.compute_loss(results_S, results_T)
+        return total_loss, losses_dict
+
+    def compute_loss(self, results_S, results_T):
+        losses_dict = dict()
+        total_loss = 0
+        logits_list_S = select_logits_with_mask(results_S['logits'], results_S['logits_mask']) \
+            if 'logits_mask' in results_S else results_S['logits']
+        total_kd_loss = 0
+        for l_T, l_S in zip(results_T['logits'], logits_list_S):
+            if self.d_config.temperature_scheduler is not None:
+                temperature = self.d_config.temperature_scheduler(l_S, l_T,
+                                                                  self.d_config.temperature)
+            else:
+                temperature = self.d_config.temperature
+            total_kd_loss += self.kd_loss(l_S, l_T, temperature)
+        total_loss += total_kd_loss * self.d_config.kd_loss_weight
+        losses_dict['unweighted_kd_loss'] = total_kd_loss
+        inters_T = {feature: results_T.get(feature, []) for feature in FEATURES}
+        inters_S = {feature: results_S.get(feature, []) for feature in FEATURES}
+        inputs_mask_S = results_S.get('inputs_mask', None)
+        match_loss = MATCH_LOSS_MAP['hidden_mse']
+        states_T = inters_T['hidden'][1:]
+        average_T = sum(states_T) / len(states_T)
+        for proj, state_S in zip(self.projs, inters_S['hidden'][:2]):
+            layer_loss = match_loss(proj(state_S), average_T, mask=inputs_mask_S)
+            total_loss += layer_loss
+        losses_dict['unweighted_layer_average'] = layer_loss
+        if 'losses' in results_S:
+            total_hl_loss = 0
+            for loss in results_S['losses']:
+                total_hl_loss += loss.mean()
+            total_loss += total_hl_loss * self.d_config.hard_label_weight
+            losses_dict['unweighted_hard_label_loss'] = total_hl_loss
+        self.tb_writer.add_scalar('scalar/extra', 0.0, 0)
+        return total_loss, losses_dict
+"""
+
+
+def _legacy_subclass(lib_name: str):
+    namespace: Dict[str, Any] = {}
+    exec(compile(LEGACY_SUBCLASS_SOURCE.replace("LIB", lib_name), "legacy_subclass", "exec"),
+         namespace)
+    return namespace["LayerAverageDistiller"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_textbrewer021_style_subclass(orig, tmp_path, mode):
+    case = Case("legacy_subclass", dict(temperature=2, temperature_scheduler=["flsw", 1, 2],
+                                        **SCHEDULED), ACCUMULATE, max_grad_norm=1.0)
+    _check_parity(orig, case, mode, tmp_path, f"0.2.1-style subclass/{_mode_name(mode)}")
+
+
 # ---------------------------------------------------------------- where we differ on purpose
 DOCUMENTED_DIFFERENCES = {
-    # the original divides the masked Gram matrices by the length instead of the width
-    "nst_with_mask": Case("general", dict(temperature=2, intermediate_matches=[
-        _match([0, 2], [0, 1], "nst")]), TRAIN),
-    # the original's GeneralDistiller keeps only the last head's KD loss
-    "general_two_heads": Case("general", dict(temperature=2), TRAIN,
-                              adaptor_T=two_heads_adaptor, adaptor_S=two_heads_adaptor),
     # the original swaps with the last class where the label is -1
     "probability_shift_negative_labels": Case(
         "basic", dict(temperature=2, probability_shift=True), TRAIN,

@@ -24,6 +24,7 @@ __all__ = ["Config", "TrainingConfig", "DistillationConfig", "IntermediateMatch"
            "MIXED_PRECISION_CHOICES"]
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+KD_OVER_HEADS_CHOICES = ("compatible", "sum")
 ConfigT = TypeVar("ConfigT", bound="Config")
 
 
@@ -344,6 +345,11 @@ class DistillationConfig(Config):
             ``layer_T, layer_S, feature, loss, weight, proj``.
         is_caching_logits: BasicDistiller and MultiTeacherDistiller, epoch mode: run the
             teacher once over the data and reuse its logits every epoch.
+        kd_over_heads: with several logits heads, ``'compatible'`` (default) reproduces
+            TextBrewer 0.2.1: GeneralDistiller and MultiTaskDistiller keep only the LAST
+            head's KD loss unless ``probability_shift`` is on (a bug every published
+            two-head recipe, e.g. span extraction, was tuned with), the other distillers
+            sum over heads; ``'sum'`` sums the KD loss over heads in every distiller.
     """
 
     temperature: float = 4
@@ -356,8 +362,12 @@ class DistillationConfig(Config):
     probability_shift: bool = False
     intermediate_matches: Optional[List[Union[Dict[str, Any], IntermediateMatch]]] = None
     is_caching_logits: bool = False
+    kd_over_heads: str = "compatible"
 
     def __post_init__(self) -> None:
+        if self.kd_over_heads not in KD_OVER_HEADS_CHOICES:
+            raise ValueError(f"kd_over_heads must be one of {list(KD_OVER_HEADS_CHOICES)}, got "
+                             f"{self.kd_over_heads!r}")
         for name in ("temperature", "hard_label_weight", "kd_loss_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

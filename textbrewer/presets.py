@@ -4,13 +4,28 @@
 ``TEMPERATURE_SCHEDULER`` are the registries themselves: reading, assigning and
 :func:`register_new` all go to the one registry that the distillers look names up in.
 """
+import collections  # noqa: F401  (0.2.1's presets imported it)
 from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F  # noqa: F401  (0.2.1's presets exposed it)
 
 from . import losses as _losses  # noqa: F401  (fills the loss registries)
 from . import projections as _projections  # noqa: F401
 from . import schedulers as _schedulers  # noqa: F401
+# TextBrewer 0.2.1's presets star-imported its losses and schedulers and imported the three
+# helpers below, so scripts could take all of them from textbrewer.presets.
+from .losses import (att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss,  # noqa: F401
+                     cos_loss, fsp_loss, hid_mse_loss, kd_ce_loss, kd_mse_loss, mmd_loss,
+                     pkd_loss)
+from .projections import linear_projection, projection_with_activation  # noqa: F401
 from .registry import (KD_LOSSES, MATCH_LOSSES, PROJECTIONS, TEMPERATURE_SCHEDULERS,
                        WEIGHT_SCHEDULERS, Registry)
+from .schedulers import (constant_temperature_scheduler,  # noqa: F401
+                         cwsm_temperature_scheduler_builder,
+                         flsw_temperature_scheduler_builder, linear_decay_weight_scheduler,
+                         linear_growth_weight_scheduler)
+from .utils import cycle  # noqa: F401
 
 __all__ = ["ADAPTOR_KEYS", "FEATURES", "KD_LOSS_MAP", "MATCH_LOSS_MAP", "PROJ_MAP",
            "WEIGHT_SCHEDULER", "TEMPERATURE_SCHEDULER", "MAPS", "register_new", "MATCHES",
@@ -115,3 +130,58 @@ MATCHES: Dict[str, List[Dict[str, Any]]] = _presets(attention_offset=0)
 #: (unchanged), but ``attentions`` has one entry per layer starting at 0, so every
 #: attention index is one lower (teacher 0..11).
 MATCHES_TRANSFORMERS: Dict[str, List[Dict[str, Any]]] = _presets(attention_offset=1)
+
+
+# ---------------------------------------------------------------- TextBrewer 0.2.1 names
+#: The dtype of boolean masks (0.2.1's ``compatibility.mask_dtype``, reachable from its
+#: presets through ``from .losses import *``).
+mask_dtype = torch.bool
+
+
+class DynamicKeyDict:
+    """TextBrewer 0.2.1's dict whose keys may carry arguments for a builder.
+
+    0.2.1's ``TEMPERATURE_SCHEDULER`` was one of these; today it is a registry
+    (:data:`textbrewer.registry.TEMPERATURE_SCHEDULERS`) that reads the same keys. This
+    class is kept for scripts that build their own.
+
+    ``d[name]`` is ``store[name]``; ``d[[name, *args]]`` (a list or tuple) calls the builder,
+    ``store[name](*args)``, or ``store[name](**kwargs)`` for ``d[[name, kwargs]]`` with one
+    dict. ``store`` is the dict given, not a copy: assignments write to it.
+
+    Args:
+        kv_dict: name -> value (or builder).
+
+    Example:
+        >>> d = DynamicKeyDict({'scale': lambda k: (lambda x: k * x)})
+        >>> d[['scale', 3]](2), d[('scale', {'k': 4})](2), ['scale', 1] in d
+        (6, 8, True)
+    """
+
+    def __init__(self, kv_dict: Dict[Any, Any]):
+        self.store = kv_dict
+
+    def __getitem__(self, key: Any) -> Any:
+        if not isinstance(key, (list, tuple)):
+            return self.store[key]
+        name, args = key[0], key[1:]
+        if len(args) == 1 and isinstance(args[0], dict):
+            return self.store[name](**args[0])
+        return self.store[name](*args)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.store[key] = value
+
+    def __contains__(self, key: Any) -> bool:
+        return (key[0] if isinstance(key, (list, tuple)) else key) in self.store
+
+
+__all__ += [
+    # TextBrewer 0.2.1's presets namespace
+    "kd_mse_loss", "kd_ce_loss", "att_mse_loss", "att_mse_sum_loss", "att_ce_loss",
+    "att_ce_mean_loss", "hid_mse_loss", "cos_loss", "pkd_loss", "fsp_loss", "mmd_loss",
+    "linear_growth_weight_scheduler", "linear_decay_weight_scheduler",
+    "constant_temperature_scheduler", "flsw_temperature_scheduler_builder",
+    "cwsm_temperature_scheduler_builder", "cycle", "linear_projection",
+    "projection_with_activation", "DynamicKeyDict", "mask_dtype",
+]

@@ -49,3 +49,18 @@ def projection_with_activation(activation: str) -> Callable[[int, int], nn.Modul
 
 PROJECTIONS.add("relu", projection_with_activation("ReLU"))
 PROJECTIONS.add("tanh", projection_with_activation("Tanh"))
+
+
+__all__ += ["conv1x1_projection"]
+
+
+@PROJECTIONS.register("conv1x1")
+def conv1x1_projection(dim_in: int, dim_out: int) -> nn.Module:
+    """1×1 convolution + batch norm, for CNN feature maps: (N, dim_in, H, W) -> (N, dim_out, H, W).
+
+    The learned regressor of FitNets (Romero et al., 2015, arXiv:1412.6550) in the form most
+    later work uses (e.g. CRD's ``ConvReg``): ``BatchNorm2d(Conv2d(dim_in, dim_out, 1))``,
+    PyTorch's default initialisation. For (…, dim) features use ``'linear'``.
+    """
+    return nn.Sequential(nn.Conv2d(dim_in, dim_out, kernel_size=1, bias=False),
+                         nn.BatchNorm2d(dim_out))

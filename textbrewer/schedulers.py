@@ -89,3 +89,29 @@ def cwsm_temperature_scheduler_builder(beta: float) -> Callable[..., torch.Tenso
             return base_temperature + (w.mean() - w) * beta
 
     return cwsm_temperature_scheduler
+
+
+__all__ += ["warmup_weight_scheduler_builder"]
+
+
+@WEIGHT_SCHEDULERS.register("warmup", builder=True)
+def warmup_weight_scheduler_builder(fraction: float) -> Callable[[float], float]:
+    """Builds a linear warm-up: weight ``min(x / fraction, 1)``.
+
+    Grows from 0 to 1 over the first ``fraction`` of training, then stays at 1 (Decoupled
+    KD ramps its loss up this way over the first 20 epochs, Zhao et al. 2022,
+    arXiv:2203.08679). As every weight schedule, the value replaces the configured weight.
+
+    Config form: ``['warmup', fraction]``, 0 < fraction ≤ 1.
+
+    Raises:
+        ValueError: fraction outside (0, 1].
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0 < fraction <= 1:
+        raise ValueError(f"warmup: fraction must be a number in (0, 1], got {fraction!r}")
+
+    def warmup_weight_scheduler(progress: float) -> float:
+        return min(progress / fraction, 1.0)
+
+    return warmup_weight_scheduler

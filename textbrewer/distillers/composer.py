@@ -7,6 +7,7 @@ schedules through :meth:`LossComposer.update_weights`; the configuration is neve
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -70,6 +71,13 @@ def probability_shift_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return logits
 
 
+def _accepts_keyword(function: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
 def _shape(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return tuple(value.shape)
@@ -95,6 +103,8 @@ class LossComposer(nn.Module):
         self.config = config
         self.require_logits = require_logits
         self.kd_loss = KD_LOSSES.resolve(config.kd_loss_type)
+        # losses that need the gold labels (DKD) declare a `labels` parameter
+        self.kd_loss_takes_labels = _accepts_keyword(self.kd_loss, "labels")
         self.temperature_scheduler = (None if config.temperature_scheduler == "none"
                                       else TEMPERATURE_SCHEDULERS.resolve(
                                           config.temperature_scheduler))
@@ -107,6 +117,10 @@ class LossComposer(nn.Module):
         self.hard_label_weight = config.hard_label_weight
         self.matches: List[IntermediateMatch] = list(config.intermediate_matches) \
             if use_matches else []
+        # TextBrewer 0.2.1's GeneralDistiller overwrote (=) instead of adding (+=) the KD
+        # loss of each head unless probability_shift was on: kept by default for its numbers
+        self.last_head_only = (config.kd_over_heads == "compatible" and use_matches
+                               and not config.probability_shift)
         # Built in match order, so a seeded run draws the same numbers as TextBrewer.
         self.projections = nn.ModuleList()
         self.projection_of_match: List[Optional[int]] = []
@@ -156,8 +170,12 @@ class LossComposer(nn.Module):
         """Σ over heads of the KD loss between (already mask-selected) logits."""
         if self.config.probability_shift and labels is None:
             raise AdaptorError("probability_shift=True needs 'labels' from the student's adaptor")
+        if self.kd_loss_takes_labels and labels is None:
+            raise AdaptorError(f"kd_loss_type={self.config.kd_loss_type!r} needs the gold labels: "
+                               f"return 'labels' from the student's adaptor")
         total = 0
-        for head, (head_S, head_T) in enumerate(zip(logits_S, logits_T)):
+        heads = list(enumerate(zip(logits_S, logits_T)))
+        for head, (head_S, head_T) in heads[-1:] if self.last_head_only else heads:
             if labels is not None and self.config.probability_shift:
                 head_T = probability_shift_(head_T, labels[head])
             if head_S.dim() >= 1 and head_S.size(0) == 0:
@@ -167,7 +185,10 @@ class LossComposer(nn.Module):
             temperature = self.config.temperature
             if self.temperature_scheduler is not None:
                 temperature = self.temperature_scheduler(head_S, head_T, temperature)
-            total = total + self.kd_loss(head_S, head_T, temperature)
+            if self.kd_loss_takes_labels:
+                total = total + self.kd_loss(head_S, head_T, temperature, labels=labels[head])
+            else:
+                total = total + self.kd_loss(head_S, head_T, temperature)
         return total
 
     def compose(self, results_S: Dict[str, Any], results_T: Dict[str, Any],
@@ -227,7 +248,8 @@ class LossComposer(nn.Module):
         labels = results_S.get("labels")
         if "logits_mask" in results_S:
             masks = results_S["logits_mask"]
-            if labels is not None and self.config.probability_shift:
+            if labels is not None and (self.config.probability_shift
+                                       or self.kd_loss_takes_labels):
                 labels = [label if label.dim() < 2 else
                           label[masks[i if len(masks) > 1 else 0].to(torch.bool)]
                           for i, label in enumerate(labels)]

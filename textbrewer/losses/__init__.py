@@ -10,9 +10,20 @@ Importing this package registers them in :data:`textbrewer.registry.KD_LOSSES` a
 """
 from .feature import (att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss,
                       cos_loss, hid_mse_loss, pkd_loss)
+from .feature import attention_transfer_loss, fitnet_loss
+from .modules import CRDLoss, VIDLoss
 from .relation import fsp_loss, mmd_loss, mmd_normalized_loss
+from .relation import cc_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, sp_loss
 from .response import kd_ce_loss, kd_kl_loss, kd_mse_loss
+from .response import (bce_loss, dist_loss, dist_loss_builder, dkd_loss, dkd_loss_builder,
+                       jsd_loss, logit_standardization, reverse_kl_loss,
+                       standardized_loss_builder)
+from . import token  # noqa: F401  (registers TOKEN_LOSSES; API in textbrewer.losses.token)
 
 __all__ = ["kd_ce_loss", "kd_mse_loss", "kd_kl_loss", "att_mse_loss", "att_mse_sum_loss",
            "att_ce_loss", "att_ce_mean_loss", "hid_mse_loss", "cos_loss", "pkd_loss",
            "fsp_loss", "mmd_loss", "mmd_normalized_loss"]
+__all__ += ["reverse_kl_loss", "jsd_loss", "dkd_loss", "dkd_loss_builder", "dist_loss",
+            "dist_loss_builder", "logit_standardization", "standardized_loss_builder",
+            "bce_loss", "fitnet_loss", "attention_transfer_loss", "rkd_distance_loss",
+            "rkd_angle_loss", "pkt_loss", "sp_loss", "cc_loss", "VIDLoss", "CRDLoss"]

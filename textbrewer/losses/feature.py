@@ -215,3 +215,114 @@ def pkd_loss(state_S: torch.Tensor, state_T: torch.Tensor,
     normed_S = cls_S / torch.norm(cls_S, dim=1, keepdim=True)
     normed_T = cls_T / torch.norm(cls_T, dim=1, keepdim=True)
     return (normed_S - normed_T).pow(2).sum(dim=-1).mean()
+
+
+# ============================================================================ literature
+# CNN feature maps (N, C, H, W) and transformer states (N, L, D) share one layout here:
+# (N, P, D) = (example, position, channel), with the H·W spatial positions (row-major) of
+# a map as its P positions. A mask is per position: (N, L) for states, (N, H, W) or
+# (N, H·W) for maps.
+
+__all__ += ["fitnet_loss", "attention_transfer_loss"]
+
+
+def _positions(feature: torch.Tensor, mask: Optional[torch.Tensor], name: str, side: str):
+    """(N, C, H, W) / (N, L, D) / (N, D) -> ((N, P, D), (N, P) weights or None)."""
+    if feature.dim() == 4:
+        positions = feature.flatten(2).transpose(1, 2)
+    elif feature.dim() == 3:
+        positions = feature
+    elif feature.dim() == 2:
+        positions = feature.unsqueeze(1)
+    else:
+        raise ValueError(f"{name}: {side} features must be (N, C, H, W), (N, L, D) or (N, D), "
+                         f"got shape {tuple(feature.shape)}")
+    if mask is None:
+        return positions, None
+    weights = as_weights(mask, positions).reshape(mask.shape[0], -1)
+    if weights.shape != positions.shape[:2]:
+        raise ValueError(f"{name}: a mask of shape {tuple(mask.shape)} does not fit {side} "
+                         f"features {tuple(feature.shape)} ({positions.size(1)} positions per "
+                         f"example)")
+    return positions, weights
+
+
+@MATCH_LOSSES.register("fitnet")
+def fitnet_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FitNets hint loss (Romero, Ballas, Kahou, Chassang, Gatta, Bengio, 2015, arXiv:1412.6550).
+
+    ``mean (r(F_S) − F_T)²`` over all elements, where r is a learned regressor applied to
+    the student's side beforehand (the match's projection: ``'conv1x1'`` for maps,
+    ``'linear'`` for states), so the shapes agree here. The paper writes ½‖·‖²; the mean
+    keeps the scale independent of the feature size.
+
+    Args:
+        feature_S: (N, C, H, W), (N, L, D) or (N, D), after the regressor.
+        feature_T: same shape.
+        mask: optional, 1 = keep: (N, L) for states, (N, H, W) or (N, H·W) for maps, (N,)
+            for vectors; the squared errors of kept positions are divided by Σ mask · D.
+
+    Returns:
+        Scalar tensor.
+    """
+    if feature_S.shape != feature_T.shape:
+        raise ValueError(f"fitnet: student features {tuple(feature_S.shape)} and teacher "
+                         f"features {tuple(feature_T.shape)} differ in shape (a projection, "
+                         f"'conv1x1' or 'linear', maps the student's width to the teacher's)")
+    if mask is None:
+        return F.mse_loss(feature_S, feature_T)
+    positions_S, weights = _positions(feature_S, mask, "fitnet", "student")
+    positions_T, _ = _positions(feature_T, None, "fitnet", "teacher")
+    squared = (positions_S - positions_T).pow(2) * weights.unsqueeze(-1)
+    return safe_divide(squared.sum(), weights.sum() * positions_S.size(-1))
+
+
+def _attention_map(positions: torch.Tensor, weights: Optional[torch.Tensor],
+                   p: float) -> torch.Tensor:
+    """(N, P, D) -> (N, P): Σ_d |A_d|^p per position, masked, L2-normalised per example."""
+    energy = positions.abs().pow(p).sum(dim=-1)
+    if weights is not None:
+        energy = energy * weights
+    return F.normalize(energy, p=2.0, dim=1)
+
+
+@MATCH_LOSSES.register("at")
+def attention_transfer_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
+                            mask: Optional[torch.Tensor] = None, p: float = 2) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, 2017, arXiv:1612.03928).
+
+    Activation-based spatial attention ``Q = vec(Σ_c |A_c|^p)``, then ``Q / ‖Q‖₂`` per
+    example (p = 2 as in the paper). The loss is the **mean squared difference** of the
+    normalised maps, ``mean_{n, position} (Q_S/‖Q_S‖ − Q_T/‖Q_T‖)²``, as in the authors'
+    code (the paper writes β/2 · ‖Q_S/‖Q_S‖ − Q_T/‖Q_T‖‖₂, a norm, with β = 10³ put in
+    the match's weight). Channel counts of student and teacher may differ; positions
+    (H·W or L) must agree. Invariant to a positive per-example scale of either feature.
+
+    For (N, L, D) states the map is over the L tokens (Σ_d |h_{l,d}|^p); padded tokens are
+    removed before the normalisation.
+
+    Args:
+        feature_S: (N, C_S, H, W) or (N, L, D_S).
+        feature_T: (N, C_T, H, W) or (N, L, D_T).
+        mask: optional, 1 = keep: (N, L) for states, (N, H, W) or (N, H·W) for maps; the
+            squared differences of kept positions are divided by Σ mask.
+        p: the exponent of the attention map.
+
+    Returns:
+        Scalar tensor.
+    """
+    if feature_S.dim() not in (3, 4) or feature_T.dim() != feature_S.dim():
+        raise ValueError(f"at: features must both be (N, C, H, W) or both (N, L, D), got "
+                         f"student {tuple(feature_S.shape)} and teacher "
+                         f"{tuple(feature_T.shape)}")
+    positions_S, weights = _positions(feature_S, mask, "at", "student")
+    positions_T, _ = _positions(feature_T, None, "at", "teacher")
+    if positions_S.shape[:2] != positions_T.shape[:2]:
+        raise ValueError(f"at: student features {tuple(feature_S.shape)} and teacher features "
+                         f"{tuple(feature_T.shape)} differ in batch size or positions")
+    squared = (_attention_map(positions_S, weights, p)
+               - _attention_map(positions_T, weights, p)).pow(2)
+    if weights is None:
+        return squared.mean()
+    return safe_divide((squared * weights).sum(), weights.sum())
