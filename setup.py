@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy", "tqdm", "tensorboard"],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "transformers>=4.30"],
         "examples": ["scikit-learn>=1.0"],
         "transformers": ["transformers>=4.30"],
     },

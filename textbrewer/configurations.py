@@ -16,9 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 import torch
 
+from .capture import CAPTURE_CHOICES
 from .presets import FEATURES
-from .registry import (KD_LOSSES, MATCH_LOSSES, PROJECTIONS, TEMPERATURE_SCHEDULERS,
-                       WEIGHT_SCHEDULERS)
+from .registry import (KD_LOSSES, LOSS_MODULES, MATCH_LOSSES, PROJECTIONS,
+                       TEMPERATURE_SCHEDULERS, WEIGHT_SCHEDULERS)
 
 __all__ = ["Config", "TrainingConfig", "DistillationConfig", "IntermediateMatch",
            "MIXED_PRECISION_CHOICES"]
@@ -224,32 +225,72 @@ class IntermediateMatch:
         loss: a name in :data:`~textbrewer.MATCH_LOSS_MAP`.
         feature: ``'hidden'`` or ``'attention'``.
         proj: ``[name, dim_in, dim_out]`` or ``[name, dim_in, dim_out, param_group_options]``:
-            a projection (``'linear'``, ``'relu'``, ``'tanh'``) from the student's width
-            ``dim_in`` to the teacher's ``dim_out``, trained with the student in its own
-            optimizer param group (options such as ``{'lr': 1e-3}``).
+            a projection (``'linear'``, ``'relu'``, ``'tanh'``, ``'conv1x1'``, ...) from the
+            student's width ``dim_in`` to the teacher's ``dim_out``, trained with the student
+            in its own optimizer param group (options such as ``{'lr': 1e-3}``).
+        module_T: instead of ``layer_T``: the name of a teacher submodule (as in
+            ``model.named_modules()``, e.g. ``'layer3'`` or ``'encoder.layer.3.output'``)
+            whose output is captured by a forward hook (see :mod:`textbrewer.capture`).
+        module_S: the student's submodule, with ``module_T``.
+        capture: ``'output'`` (default) or ``'input'`` of the named modules.
+        loss_options: keyword arguments of the loss: for a loss that owns weights (a name
+            in :data:`~textbrewer.registry.LOSS_MODULES` such as ``'crd'`` or ``'vid'``),
+            its constructor's (e.g. ``{'dim_in': 64, 'dim_out': 128}``); for a loss
+            function, extra keyword arguments of each call.
     """
 
-    layer_T: Union[int, List[int]]
-    layer_S: Union[int, List[int]]
+    layer_T: Optional[Union[int, List[int]]] = None
+    layer_S: Optional[Union[int, List[int]]] = None
     weight: float = 1.0
     loss: str = "hidden_mse"
     feature: str = "hidden"
     proj: Optional[List[Any]] = None
+    module_T: Optional[str] = None
+    module_S: Optional[str] = None
+    capture: str = "output"
+    loss_options: Optional[Dict[str, Any]] = None
+
+    @property
+    def by_module(self) -> bool:
+        """Whether the features are captured from named modules (not adaptor lists)."""
+        return self.module_T is not None
+
+    @property
+    def owns_weights(self) -> bool:
+        """Whether the loss is a module with weights of its own (``LOSS_MODULES``)."""
+        return self.loss in LOSS_MODULES
 
     def __post_init__(self) -> None:
-        where = f"intermediate match (layer_T={self.layer_T!r}, layer_S={self.layer_S!r})"
+        modules = (self.module_T, self.module_S)
+        if any(m is not None for m in modules):
+            where = f"intermediate match (module_T={self.module_T!r}, module_S={self.module_S!r})"
+            self._check_module_match(where)
+        else:
+            where = f"intermediate match (layer_T={self.layer_T!r}, layer_S={self.layer_S!r})"
+            if self.layer_T is None or self.layer_S is None:
+                raise ValueError(f"{where}: give layer_T and layer_S (indices into the adaptors' "
+                                 f"features), or module_T and module_S (submodule names)")
         if self.feature not in FEATURES:
             raise ValueError(f"{where}: feature must be one of {list(FEATURES)}, "
                              f"got {self.feature!r}")
-        try:
-            MATCH_LOSSES.validate(self.loss)
-        except KeyError as error:
-            raise ValueError(f"{where}: {error}") from None
+        if self.loss_options is not None and not isinstance(self.loss_options, dict):
+            raise ValueError(f"{where}: loss_options must be a dict, got {self.loss_options!r}")
+        self.loss_options = dict(self.loss_options or {})
+        if not (isinstance(self.loss, str) and self.loss in LOSS_MODULES):
+            try:
+                MATCH_LOSSES.validate(self.loss)
+            except KeyError as error:
+                raise ValueError(f"{where}: {error}; losses with weights of their own: "
+                                 f"{LOSS_MODULES.names()}") from None
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
                 or not math.isfinite(self.weight):
             raise ValueError(f"{where}: weight must be a finite number, got {self.weight!r}")
         if self.weight < 0:
             raise ValueError(f"{where}: weight must be >= 0, got {self.weight!r}")
+        if self.proj is not None:
+            self.proj = self._checked_proj(where, self.proj)
+        if self.by_module:
+            return
         layers_are_lists = [isinstance(x, (list, tuple)) for x in (self.layer_T, self.layer_S)]
         if layers_are_lists[0] != layers_are_lists[1]:
             raise ValueError(f"{where}: layer_T and layer_S must both be ints or both be lists")
@@ -264,8 +305,22 @@ class IntermediateMatch:
                 layers_are_lists[0] and len(self.layer_T) == 2 and len(self.layer_S) == 2):
             raise ValueError(f"{where}: loss {self.loss!r} relates two layers; give layer_T and "
                              f"layer_S as lists of two indices, e.g. [0, 4]")
-        if self.proj is not None:
-            self.proj = self._checked_proj(where, self.proj)
+
+    def _check_module_match(self, where: str) -> None:
+        if self.layer_T is not None or self.layer_S is not None:
+            raise ValueError(f"{where}: give either layer_T/layer_S or module_T/module_S, "
+                             f"not both")
+        for side in ("module_T", "module_S"):
+            value = getattr(self, side)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{where}: {side} must be a submodule name (a non-empty "
+                                 f"string), got {value!r}")
+        if self.capture not in CAPTURE_CHOICES:
+            raise ValueError(f"{where}: capture must be one of {list(CAPTURE_CHOICES)}, got "
+                             f"{self.capture!r}")
+        if self.loss in _RELATION_LOSSES:
+            raise ValueError(f"{where}: loss {self.loss!r} relates two layers of each model; "
+                             f"use layer_T/layer_S lists with an adaptor")
 
     @staticmethod
     def _checked_proj(where: str, proj: Sequence[Any]) -> List[Any]:
@@ -291,16 +346,26 @@ class IntermediateMatch:
 
     @property
     def name(self) -> str:
-        """TensorBoard name: ``unweighted_{feature}_{loss}_{layer_S}_{layer_T}``."""
+        """TensorBoard name: ``unweighted_{feature}_{loss}_{layer_S}_{layer_T}``
+        (``unweighted_module_{loss}_{module_S}_{module_T}`` for named modules)."""
+        if self.by_module:
+            return f"unweighted_module_{self.loss}_{self.module_S}_{self.module_T}"
+
         def join(layer):
             return "-".join(map(str, layer)) if isinstance(layer, list) else str(layer)
         return f"unweighted_{self.feature}_{self.loss}_{join(self.layer_S)}_{join(self.layer_T)}"
 
     def to_dict(self) -> Dict[str, Any]:
-        """The constructor arguments (proj always with its options dict)."""
-        return {"layer_T": self.layer_T, "layer_S": self.layer_S, "weight": self.weight,
-                "loss": self.loss, "feature": self.feature,
-                "proj": None if self.proj is None else list(self.proj)}
+        """The constructor arguments (proj always with its options dict); the fields added
+        after TextBrewer 0.2.1 only when set."""
+        result = {"layer_T": self.layer_T, "layer_S": self.layer_S, "weight": self.weight,
+                  "loss": self.loss, "feature": self.feature,
+                  "proj": None if self.proj is None else list(self.proj)}
+        if self.by_module:
+            result.update(module_T=self.module_T, module_S=self.module_S, capture=self.capture)
+        if self.loss_options:
+            result["loss_options"] = _plain(self.loss_options)
+        return result
 
     @classmethod
     def from_dict(cls, dict_object: Optional[Dict[str, Any]]) -> Optional["IntermediateMatch"]:

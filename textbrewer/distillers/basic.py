@@ -66,6 +66,11 @@ class BasicDistiller(AbstractDistiller):
         self.logits_cache: List[Any] = []
         self._cache_rng: Optional[Dict[str, Any]] = None
 
+    def extra_trainable_modules(self) -> List[Tuple[nn.Module, Dict[str, Any]]]:
+        """Projections (``self.projs``), then the losses with weights of their own."""
+        modules = super().extra_trainable_modules()
+        return modules + [(module, {}) for module in self.composer.loss_modules.values()]
+
     @property
     def caching_logits(self) -> bool:
         """Whether the teacher's logits are cached (read when training starts, as 0.2.1 did)."""

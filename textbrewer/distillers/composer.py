@@ -7,6 +7,7 @@ schedules through :meth:`LossComposer.update_weights`; the configuration is neve
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -16,8 +17,8 @@ from torch import nn
 from ..adaptors import AdaptorError
 from ..configurations import DistillationConfig, IntermediateMatch
 from ..logs import logger
-from ..registry import (KD_LOSSES, MATCH_LOSSES, PROJECTIONS, TEMPERATURE_SCHEDULERS,
-                        WEIGHT_SCHEDULERS)
+from ..registry import (KD_LOSSES, LOSS_MODULES, MATCH_LOSSES, PROJECTIONS,
+                        TEMPERATURE_SCHEDULERS, WEIGHT_SCHEDULERS)
 
 __all__ = ["LossComposer", "select_logits_with_mask", "probability_shift_"]
 
@@ -133,7 +134,25 @@ class LossComposer(nn.Module):
             self.projection_of_match.append(len(self.projections))
             self.projections.append(PROJECTIONS[name](dim_in, dim_out))
             self.projection_groups.append(dict(options))
-        self.match_losses = [MATCH_LOSSES[match.loss] for match in self.matches]
+        # Losses with weights of their own (CRD, VID) are built after every projection, so
+        # the projections draw the same random numbers as in TextBrewer 0.2.1.
+        self.loss_modules = nn.ModuleDict()
+        self.match_losses: List[Any] = []
+        for index, match in enumerate(self.matches):
+            if match.owns_weights:
+                try:
+                    module = LOSS_MODULES[match.loss](**match.loss_options)
+                except TypeError as error:
+                    raise ValueError(f"intermediate_matches[{index}]: loss {match.loss!r} could "
+                                     f"not be built from loss_options={match.loss_options}: "
+                                     f"{error}") from None
+                self.loss_modules[str(index)] = module
+                self.match_losses.append(module)
+            elif match.loss_options:
+                self.match_losses.append(functools.partial(MATCH_LOSSES[match.loss],
+                                                           **match.loss_options))
+            else:
+                self.match_losses.append(MATCH_LOSSES[match.loss])
         self._warned: set = set()
 
     def projections_per_match(self) -> List[Optional[nn.Module]]:
@@ -282,6 +301,14 @@ class LossComposer(nn.Module):
                                f"{match.feature} {tuple(first.shape)} needs (batch, length) = "
                                f"{expected}")
 
+    @staticmethod
+    def _module_feature(results: Dict[str, Any], name: str, side: str, index: int):
+        captured = results.get("modules") or {}
+        if name not in captured:
+            raise AdaptorError(f"intermediate_matches[{index}]: nothing was captured from the "
+                               f"{side}'s module {name!r} (captured: {sorted(captured)})")
+        return captured[name]
+
     def _features(self, results, feature, layers, side, index, match):
         if results.get(feature) is None:
             raise AdaptorError(f"intermediate_matches[{index}] ({match.loss}, layer_T="
@@ -304,10 +331,14 @@ class LossComposer(nn.Module):
     def match_term(self, index: int, match: IntermediateMatch, results_S, results_T,
                    projections: Optional[Sequence[Optional[nn.Module]]] = None):
         """One intermediate-match loss, with a clear error on bad layers or shapes."""
-        feature_S = self._features(results_S, match.feature, match.layer_S, "student", index,
-                                   match)
-        feature_T = self._features(results_T, match.feature, match.layer_T, "teacher", index,
-                                   match)
+        if match.by_module:
+            feature_S = self._module_feature(results_S, match.module_S, "student", index)
+            feature_T = self._module_feature(results_T, match.module_T, "teacher", index)
+        else:
+            feature_S = self._features(results_S, match.feature, match.layer_S, "student",
+                                       index, match)
+            feature_T = self._features(results_T, match.feature, match.layer_T, "teacher",
+                                       index, match)
         projection_index = self.projection_of_match[index]
         projection = None if projection_index is None else self.projections[projection_index]
         if projections is not None:
@@ -330,6 +361,9 @@ class LossComposer(nn.Module):
             else:
                 feature_S = projection(feature_S)
         mask = results_S.get("inputs_mask")
+        if match.by_module and (mask is None or feature_S.dim() != 3
+                                or tuple(mask.shape) != tuple(feature_S.shape[:2])):
+            mask = None  # a captured (N, C, H, W) map or (N, D) embedding has no positions
         if mask is not None:
             self._check_inputs_mask(index, match, mask, feature_S)
         try:

@@ -21,10 +21,11 @@ TextBrewer 0.2.1's method structure is kept, so a 0.2.1-style subclass runs unch
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -242,6 +243,9 @@ class AbstractDistiller:
         self._teacher_forwards: Any = model_T
         self._loss_log: Optional[LossLog] = None
         self._progress = _Progress()
+        #: units (tokens) in the current accumulation window over all processes, when
+        #: :meth:`count_window_tokens` is implemented
+        self.window_tokens: Optional[int] = None
 
     # ---------------------------------------------------------------- what subclasses give
     def train_on_batch(self, batch: Any, args: Dict[str, Any]) -> Tuple[torch.Tensor, Parts]:
@@ -274,6 +278,30 @@ class AbstractDistiller:
 
     def update_schedules(self, progress: float) -> None:
         """Called after every optimizer step with ``global_step / total_steps``."""
+
+    def count_window_tokens(self, batches: List[Any]) -> Optional[int]:
+        """The number of units (valid tokens, say) in the micro-batches of one accumulation
+        window, for losses normalised over the whole window; None (default) for the usual
+        mean over micro-batches.
+
+        When a subclass returns a count, the loop reads each window's micro-batches ahead,
+        sums this count over processes, exposes it as ``self.window_tokens`` while the
+        window's micro-batches run, and back-propagates each micro-batch's loss as it is
+        (not divided by ``gradient_accumulation_steps``): a loss that is a *sum* over its
+        micro-batch divided by ``self.window_tokens`` then makes one micro-batch of B equal
+        k micro-batches of B/k, and DDP over N processes equal one process on N·B.
+
+        Args:
+            batches: the window's micro-batches, as the data source yields them (on the
+                host: count without a device sync).
+        """
+        return None
+
+    def attach_training_hooks(self) -> None:
+        """Called when training starts (e.g. to register feature-capture hooks)."""
+
+    def remove_training_hooks(self) -> None:
+        """Called when training ends, also on error: undoes :meth:`attach_training_hooks`."""
 
     # ---------------------------------------------------------------- helpers for subclasses
     def forward_student(self, batch: Any, args: Dict[str, Any]) -> Any:
@@ -458,7 +486,10 @@ class AbstractDistiller:
         clip_parameters = list(self.model_S.parameters())
         print_every = max(1, plan.final_step // self.print_freq)
         epochs = plan.epochs_to_run if plan.mode == "epochs" else None
+        window_normalised = (type(self).count_window_tokens
+                             is not AbstractDistiller.count_window_tokens)
         ACTIVE_STUDENT_FORWARDS[id(self.model_S)] = self._student_forward
+        self.attach_training_hooks()
         logger.info("Training: %s, %s optimizer steps, checkpoints to %s", plan.mode,
                     plan.final_step, self.t_config.output_dir)
         try:
@@ -470,6 +501,8 @@ class AbstractDistiller:
                 if resume_rng is not None:
                     set_rng_state(resume_rng)  # the source is positioned: now the saved RNG
                     resume_rng = None
+                if window_normalised:
+                    batches = self._with_window_counts(batches, accumulation)
                 for batch in batches:
                     ends_window = (progress.micro_in_epoch + 1) % accumulation == 0
                     with runtime.no_sync(self._trainable, skip=not ends_window):
@@ -479,7 +512,8 @@ class AbstractDistiller:
                         log.count_samples(_batch_size(batch))
                         if strict:
                             log.flush(progress.global_step)
-                        runtime.backward(total / accumulation)
+                        runtime.backward(total * runtime.world_size if window_normalised
+                                         else total / accumulation)
                     progress.writer_step += 1
                     progress.micro_in_epoch += 1
                     if not ends_window:
@@ -507,6 +541,7 @@ class AbstractDistiller:
             log.flush(progress.global_step)
         finally:
             ACTIVE_STUDENT_FORWARDS.pop(id(self.model_S), None)
+            self.remove_training_hooks()
             if runtime.scaler is not None:
                 skipped = int(runtime.skipped_steps)
                 log.add_scalar("scalar/fp16_skipped_steps", skipped, progress.writer_step)
@@ -519,6 +554,20 @@ class AbstractDistiller:
             _restore_modes(self.model_T, modes[0])
             _restore_modes(self.model_S, modes[1])
         logger.info("Training finished after %d optimizer steps", progress.global_step)
+
+    def _with_window_counts(self, batches: Iterable, accumulation: int) -> Iterator[Any]:
+        """Yields the micro-batches, setting ``self.window_tokens`` for each window first.
+
+        Windows start at multiples of ``accumulation`` micro-batches into the epoch (a
+        resumed run starts at a window boundary: checkpoints are taken there)."""
+        iterator = iter(batches)
+        while True:
+            window = list(itertools.islice(iterator, accumulation))
+            if not window:
+                return
+            count = self.count_window_tokens(window)
+            self.window_tokens = self.runtime.all_reduce_sum(int(count))
+            yield from window
 
     def _check_student_is_finite(self, global_step: int) -> None:
         """Refuses to checkpoint non-finite weights (one host sync per checkpoint)."""

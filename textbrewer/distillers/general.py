@@ -1,12 +1,14 @@
 """GeneralDistiller: BasicDistiller plus intermediate-feature matches and custom matches."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
 from ..adaptors import AdaptorError
+from ..capture import ModuleCapture
 from ..configurations import DistillationConfig, TrainingConfig
 from ..registry import MATCH_LOSSES
 from .basic import BasicDistiller
@@ -89,6 +91,29 @@ class GeneralDistiller(BasicDistiller):
                 raise TypeError(f"custom_matches[{index}] must be a CustomMatch, got "
                                 f"{type(match).__name__}")
             self.add_match(match)
+        self._captures = self._build_captures()
+
+    def _build_captures(self) -> Dict[Tuple[str, str], ModuleCapture]:
+        """One :class:`ModuleCapture` per (role, 'output'/'input') for module-named matches."""
+        names: Dict[Tuple[str, str], List[str]] = {}
+        for match in self.composer.matches:
+            if match.by_module:
+                names.setdefault(("teacher", match.capture), []).append(match.module_T)
+                names.setdefault(("student", match.capture), []).append(match.module_S)
+        if names and not isinstance(self.model_T, nn.Module):
+            raise TypeError(f"intermediate matches by module name need a single teacher "
+                            f"nn.Module, got {type(self.model_T).__name__}")
+        models = {"teacher": self.model_T, "student": self.model_S}
+        return {(role, what): ModuleCapture(models[role], module_names, what, role)
+                for (role, what), module_names in names.items()}
+
+    def attach_training_hooks(self) -> None:
+        for capture in self._captures.values():
+            capture.attach()
+
+    def remove_training_hooks(self) -> None:
+        for capture in self._captures.values():
+            capture.remove()
 
     @property
     def has_custom_matches(self) -> bool:
@@ -127,15 +152,27 @@ class GeneralDistiller(BasicDistiller):
         return modules
 
     def run_models(self, batch: Any, args: Dict[str, Any]):
-        if not self.custom_matches:
+        if not self.custom_matches and not self._captures:
             return super().run_models(batch, args)
         self._captured_T.clear()
         self._captured_S.clear()
         self._capturing = True
-        try:
-            return super().run_models(batch, args)
-        finally:
-            self._capturing = False
+        with contextlib.ExitStack() as stack:
+            for capture in self._captures.values():
+                stack.enter_context(capture)
+            try:
+                results_S, results_T = super().run_models(batch, args)
+            finally:
+                self._capturing = False
+            for (role, _), capture in self._captures.items():
+                results = results_S if role == "student" else results_T
+                modules = results.setdefault("modules", {})
+                for name in capture.names:
+                    try:
+                        modules[name] = capture[name]
+                    except KeyError:
+                        pass  # reported by the composer, with the match's index
+        return results_S, results_T
 
     def custom_terms(self, results_S: Dict[str, Any], results_T: Dict[str, Any]):
         """``(name, weight, loss)`` for each custom match, from the captured outputs."""
@@ -167,9 +204,10 @@ class GeneralDistiller(BasicDistiller):
                                      projections=self.projs)
 
     def remove_hooks(self) -> None:
-        """Detaches the custom-match hooks from the models."""
+        """Detaches the custom-match and module-capture hooks from the models."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
+        self.remove_training_hooks()
 
 

@@ -180,6 +180,15 @@ class Runtime:
             else:
                 dist.barrier()
 
+    def all_reduce_sum(self, value: int) -> int:
+        """The sum of an integer over all processes (itself in a single process)."""
+        if not self.distributed:
+            return value
+        total = torch.tensor([value], dtype=torch.int64,
+                             device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(total)
+        return int(total.item())
+
     def wrap_trainable(self, module: nn.Module) -> nn.Module:
         """DistributedDataParallel (or DataParallel) around the trainable module, if asked."""
         if self.distributed:
