@@ -32,9 +32,9 @@ __all__ = ["ADAPTOR_KEYS", "FEATURES", "KD_LOSS_MAP", "MATCH_LOSS_MAP", "PROJ_MA
            "MATCHES_TRANSFORMERS", "layer_matches"]
 
 #: Keys an adaptor may return.
-ADAPTOR_KEYS = ("logits", "logits_mask", "losses", "inputs_mask", "labels", "hidden", "attention")
+ADAPTOR_KEYS = ["logits", "logits_mask", "losses", "inputs_mask", "labels", "hidden", "attention"]
 #: Features that intermediate matches can compare.
-FEATURES = ("hidden", "attention")
+FEATURES = ["hidden", "attention"]
 
 KD_LOSS_MAP: Registry = KD_LOSSES
 MATCH_LOSS_MAP: Registry = MATCH_LOSSES

@@ -8,7 +8,7 @@ configuration itself is never modified: the training loop keeps the current valu
 Temperature schedules map ``(logits_S, logits_T, base_temperature)`` to a temperature, a
 float or a per-example tensor of shape (N,) for logits (N, C). They run on detached logits.
 """
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 
@@ -41,15 +41,16 @@ def constant_temperature_scheduler(logits_S: torch.Tensor, logits_T: torch.Tenso
 
 
 @TEMPERATURE_SCHEDULERS.register("flsw", builder=True)
-def flsw_temperature_scheduler_builder(beta: float, gamma: float,
-                                       eps: float = 1e-4) -> Callable[..., torch.Tensor]:
+def flsw_temperature_scheduler_builder(beta: float, gamma: float, eps: float = 1e-4,
+                                       *ignored: Any) -> Callable[..., torch.Tensor]:
     """Builds the FLSW schedule (Li et al., 2020, "dynamic temperature").
 
     Per example, ``w = (1 − cos(s, t))^gamma`` on the detached logits (each normalised by
     its norm + ``eps``), and ``τ = base + (mean(w) − w)·beta``: examples on which student
     and teacher already agree get a higher temperature.
 
-    Config form: ``['flsw', beta, gamma]``.
+    Config form: ``['flsw', beta, gamma]``. Extra positional parameters are ignored, as
+    TextBrewer 0.2.1 ignored them.
 
     Returns:
         ``scheduler(logits_S (N, C), logits_T (N, C), base) -> τ (N,)``.
@@ -69,13 +70,13 @@ def flsw_temperature_scheduler_builder(beta: float, gamma: float,
 
 
 @TEMPERATURE_SCHEDULERS.register("cwsm", builder=True)
-def cwsm_temperature_scheduler_builder(beta: float) -> Callable[..., torch.Tensor]:
+def cwsm_temperature_scheduler_builder(beta: float, *ignored: Any) -> Callable[..., torch.Tensor]:
     """Builds the CWSM schedule: confidence-weighted temperature.
 
     Per example, ``w = 1 / (max softmax(s) + 1e-3)`` and ``τ = base + (mean(w) − w)·beta``:
     examples on which the student is confident get a higher temperature.
 
-    Config form: ``['cwsm', beta]``.
+    Config form: ``['cwsm', beta]`` (extra parameters ignored, as in 0.2.1).
 
     Returns:
         ``scheduler(logits_S (N, C), logits_T (N, C), base) -> τ (N,)``.
