@@ -8,18 +8,24 @@ frozen, labels with ~5% ignored tokens, mean over valid tokens):
 * ``chunked``: both full logits, then ``token_distillation_loss(..., chunk_size=C)``;
 * ``fused``: ``fused_token_distillation_loss`` on hidden states and heads (no [N, V] tensor).
 
-``seconds`` is forward + backward (teacher head included), median over ``--repeats`` runs
-after one warm-up run. ``peak_extra_mib`` is the peak memory above a baseline taken once
+``seconds`` is forward + backward wall time (teacher head included), median over
+``--repeats`` runs after one warm-up run; ``cpu_seconds`` the process's CPU time for the
+same runs (a check when other processes share the cores). ``peak_extra_mib`` is the peak memory above a baseline taken once
 the inputs exist:
 
 * CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` at the baseline.
 * CPU: each path runs in a fresh subprocess. The baseline is the process's current resident
-  set (``/proc/self/statm``) after the inputs are allocated and touched; the peak is the
-  kernel's high-water mark ``ru_maxrss`` after the warm-up run. PyTorch's CPU allocator
-  returns large blocks to the OS, so RSS tracks live tensors. ``rss_resolved`` is false
-  if the high-water mark before the run was already above the run's peak (then the figure
-  is only an upper bound); it has been true in practice because the inputs are created
-  without temporaries.
+  set (``/proc/self/statm``) after the inputs are allocated (in place, no temporaries); the
+  peak is the kernel's high-water mark ``ru_maxrss`` after the warm-up run. PyTorch's CPU
+  allocator has no cache, but glibc's malloc raises its mmap threshold dynamically (up to
+  32 MiB) and then keeps freed blocks of chunk size in its heap, so RSS would count dead
+  chunk buffers by chance (we saw ±40% run to run). The worker therefore runs with
+  ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's initial value, made fixed): every tensor
+  above 128 KiB is its own mapping, returned to the OS when freed, and RSS tracks live
+  tensors for every path alike. That setting makes each chunk's allocation fault in fresh
+  pages, so the timing runs in a second subprocess with the default malloc.
+  ``rss_resolved`` is false if the high-water mark before the run was already above the
+  run's peak (the figure is then only an upper bound).
 
 One JSON object per line on stdout:
 
@@ -123,38 +129,45 @@ def worker(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    if cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        baseline = _current_rss_bytes()
-        high_before = _max_rss_bytes()
-    _step(args.path, args, inputs)  # warm-up, and the memory measurement
-    sync()
-    if cuda:
-        peak_extra = torch.cuda.max_memory_allocated() - baseline
-        resolved = True
-    else:
-        peak = _max_rss_bytes()
-        peak_extra = peak - baseline
-        resolved = peak > high_before
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        start = time.perf_counter()
+    record = {}
+    if args.measure in ("memory", "both"):
+        if cuda:
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+        else:
+            baseline = _current_rss_bytes()
+            high_before = _max_rss_bytes()
         _step(args.path, args, inputs)
         sync()
-        times.append(time.perf_counter() - start)
-    record = dict(path=args.path, vocab=v, tokens=n, device=args.device,
-                  seconds=round(statistics.median(times), 4),
-                  peak_extra_mib=round(peak_extra / 2 ** 20, 1), divergence=args.divergence,
-                  hidden_student=args.hidden_student, hidden_teacher=args.hidden_teacher,
-                  dtype=args.dtype, chunk_size=args.chunk_size if args.path != "naive" else None,
-                  repeats=args.repeats, threads=torch.get_num_threads())
-    if not cuda:
-        record["rss_resolved"] = resolved
-    return record
+        if cuda:
+            record["peak_extra_mib"] = round(
+                (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20, 1)
+        else:
+            peak = _max_rss_bytes()
+            record["peak_extra_mib"] = round((peak - baseline) / 2 ** 20, 1)
+            record["rss_resolved"] = peak > high_before
+            record["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if args.measure in ("time", "both"):
+        if args.measure == "time":
+            _step(args.path, args, inputs)  # warm-up
+        times, cpu_times = [], []
+        for _ in range(args.repeats):
+            sync()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            _step(args.path, args, inputs)
+            sync()
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+        record["seconds"] = round(statistics.median(times), 4)
+        # CPU time of the process (all threads): less sensitive than wall time to other
+        # processes competing for the cores, which shared CPU machines often have.
+        record["cpu_seconds"] = round(statistics.median(cpu_times), 4)
+    return dict(path=args.path, vocab=v, tokens=n, device=args.device,
+                divergence=args.divergence, hidden_student=args.hidden_student,
+                hidden_teacher=args.hidden_teacher, dtype=args.dtype,
+                chunk_size=args.chunk_size if args.path != "naive" else None,
+                repeats=args.repeats, threads=torch.get_num_threads(), **record)
 
 
 def main(argv=None) -> None:
@@ -171,6 +184,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
     parser.add_argument("--path", help=argparse.SUPPRESS)  # set in the worker subprocess
+    parser.add_argument("--measure", default="both", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.path is not None:
         print(json.dumps(worker(args)), flush=True)
@@ -178,15 +192,25 @@ def main(argv=None) -> None:
     for path in args.paths.split(","):
         if path not in PATHS:
             raise ValueError(f"--paths: unknown path {path!r}; valid: {list(PATHS)}")
-        # A fresh process per path: clean peak-memory figures (and no allocator reuse).
-        command = [sys.executable, os.path.abspath(__file__), "--path", path] + [
-            a for a in (argv if argv is not None else sys.argv[1:])]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            sys.stderr.write(result.stderr)
-            raise SystemExit(f"path {path!r} failed (exit {result.returncode})")
-        sys.stdout.write(result.stdout)
-        sys.stdout.flush()
+        # Fresh processes per path: clean peak-memory figures (see the module docstring).
+        own = list(argv if argv is not None else sys.argv[1:])
+        record = {}
+        for measure in ("memory", "time"):
+            env = dict(os.environ)
+            if measure == "memory" and args.device == "cpu":
+                env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+            command = [sys.executable, os.path.abspath(__file__), "--path", path,
+                       "--measure", measure] + own
+            result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                    env=env)
+            if result.returncode != 0:
+                sys.stderr.write(result.stderr)
+                raise SystemExit(f"path {path!r} ({measure}) failed (exit {result.returncode})")
+            record.update(json.loads(result.stdout.strip().splitlines()[-1]))
+        keys = ["path", "vocab", "tokens", "device", "seconds", "peak_extra_mib"]
+        ordered = {k: record[k] for k in keys}
+        ordered.update((k, v) for k, v in record.items() if k not in ordered)
+        print(json.dumps(ordered), flush=True)
 
 
 if __name__ == "__main__":

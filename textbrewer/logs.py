@@ -128,21 +128,21 @@ class LossLog:
         now = time.perf_counter()
         rate = self._samples / max(now - self._clock, 1e-9)
         self._samples, self._clock = 0, now
-        loss = self.last_values.get("total_loss")
+        loss = self.student_loss()
         epochs = f" (epoch {epoch + 1}/{num_epochs})" if num_epochs else ""
         total = int(total_steps) if float(total_steps).is_integer() else total_steps
         return (f"step {global_step}/{total}{epochs} loss "
                 f"{'n/a' if loss is None else f'{loss:.4g}'}, {rate:.1f} samples/s")
 
     def record(self, writer_step: int, global_step: int, total: torch.Tensor,
-               parts: Dict[str, torch.Tensor]) -> None:
+               parts: Dict[str, torch.Tensor], total_name: str = "total_loss") -> None:
         """Keeps ``total`` and ``parts`` (detached, on the device) for the next flush."""
-        names = tuple(parts) + ("total_loss",)
+        names = tuple(parts) + (total_name,)
         reference = total if isinstance(total, torch.Tensor) else None
         values = [_as_tensor(v, reference) for v in parts.values()] + \
             [_as_tensor(total, reference)]
         self._pending.append((writer_step, global_step, names, torch.stack(values)))
-        if self.progress is not None:
+        if self.progress is not None and total_name in ("total_loss", "student/total_loss"):
             self.progress.update(1)
         if len(self._pending) >= self.log_steps:
             self.flush()
@@ -180,10 +180,15 @@ class LossLog:
                         f"before its optimizer step (one host sync each)")
                 if self.writer is not None:
                     self.writer.add_scalar(f"scalar/{name}", value, writer_step)
-            self.last_values = dict(zip(names, row))
+            self.last_values.update(zip(names, row))
         self._pending.clear()
         if self.progress is not None:
-            self.progress.set_postfix(loss=f"{self.last_values['total_loss']:.4g}", refresh=False)
+            if self.student_loss() is not None:
+                self.progress.set_postfix(loss=f"{self.student_loss():.4g}", refresh=False)
+
+    def student_loss(self) -> Optional[float]:
+        """The student's last flushed total loss (None before the first flush)."""
+        return self.last_values.get("total_loss", self.last_values.get("student/total_loss"))
 
     def discard_pending(self) -> None:
         """Drops values not yet flushed (after an error, so closing does not raise again)."""

@@ -25,7 +25,8 @@ import itertools
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,7 @@ from ..utils import seed_everything
 from .runtime import Runtime
 from .sources import CycleSource, EmptyDataError, EpochSource, get_rng_state, set_rng_state
 
-__all__ = ["AbstractDistiller", "TrainingPlan", "forward_model", "split_batch", "no_op"]
+__all__ = ["AbstractDistiller", "Phase", "TrainingPlan", "forward_model", "split_batch", "no_op"]
 
 Parts = Dict[str, torch.Tensor]
 
@@ -115,6 +116,40 @@ class TrainingPlan:
             or epoch + 1 == self.epochs_to_run
         # a fractional num_epochs ends inside an epoch: its last step is saved too
         return (in_epoch and epoch_due) or global_step == self.final_step
+
+
+@dataclasses.dataclass
+class Phase:
+    """One update within a training step: a loss, the optimizer that minimises it, and the
+    modules it trains.
+
+    A step runs the phases in order, each over the same micro-batches of the accumulation
+    window (forward, loss, backward after each), and each steps its own optimizer when the
+    window ends: e.g. a discriminator, then the student; or two students that teach each
+    other. Precision (one grad scaler per phase under fp16), accumulation, clipping, DDP,
+    logging (terms as ``{name}/...``) and checkpoints (its optimizer, scheduler and modules
+    are saved and restored) work for every phase. See :meth:`AbstractDistiller.phases`.
+
+    Args:
+        name: the phase's name in logs and checkpoints.
+        optimizer: the optimizer over ``modules``' parameters.
+        loss: ``loss(batch, args) -> (total, {name: term})`` (or just ``total``).
+        modules: the modules this phase trains; under DDP each is wrapped, and the loss
+            must call it through :meth:`AbstractDistiller.wrapped`.
+        scheduler: an LR scheduler stepped with ``optimizer``, or None.
+        max_grad_norm: clip these modules' gradients to this norm (≤ 0: no clipping).
+    """
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[Any, Dict[str, Any]], Any]
+    modules: Sequence[nn.Module] = ()
+    scheduler: Any = None
+    max_grad_norm: float = -1.0
+    clip_parameters: List[nn.Parameter] = dataclasses.field(default_factory=list)
+    trainables: List[nn.Module] = dataclasses.field(default_factory=list)
+    scaler: Any = None
+    is_student: bool = False
 
 
 @dataclasses.dataclass
@@ -246,6 +281,8 @@ class AbstractDistiller:
         #: units (tokens) in the current accumulation window over all processes, when
         #: :meth:`count_window_tokens` is implemented
         self.window_tokens: Optional[int] = None
+        self._phases: List[Phase] = []
+        self._wrappers: Dict[int, Callable] = {}
 
     # ---------------------------------------------------------------- what subclasses give
     def train_on_batch(self, batch: Any, args: Dict[str, Any]) -> Tuple[torch.Tensor, Parts]:
@@ -278,6 +315,21 @@ class AbstractDistiller:
 
     def update_schedules(self, progress: float) -> None:
         """Called after every optimizer step with ``global_step / total_steps``."""
+
+    def phases(self, student_phase: Phase) -> List[Phase]:
+        """The phases of one training step, in order (default: the student's alone).
+
+        ``student_phase`` trains the student (and the projections) with the optimizer,
+        scheduler and ``max_grad_norm`` given to ``train()``, on :meth:`train_on_batch`.
+        A scheme with more updates per step (a discriminator, a generator, a second
+        student) returns it together with its own :class:`Phase` objects.
+        """
+        return [student_phase]
+
+    def wrapped(self, module: nn.Module) -> Callable:
+        """The callable that runs ``module`` in training: through its DDP / compile wrapper
+        when it is trained by a phase, else the module itself."""
+        return self._wrappers.get(id(module), module)
 
     def count_window_tokens(self, batches: List[Any]) -> Optional[int]:
         """The number of units (valid tokens, say) in the micro-batches of one accumulation
@@ -458,6 +510,7 @@ class AbstractDistiller:
         if self.t_config.seed is not None:
             seed_everything(self.t_config.seed + self.runtime.rank)
         progress = self._progress = _Progress()
+        self._phases = self._build_phases(optimizer, scheduler, max_grad_norm)
         saved = self._load_resume_state(plan)
         if saved is None and self.runtime.is_main and os.path.isdir(self.t_config.output_dir):
             for path in ckpt.remove_stale_temporaries(self.t_config.output_dir):
@@ -483,11 +536,14 @@ class AbstractDistiller:
         log = self._loss_log = LossLog(self.t_config.log_dir, self.t_config.log_steps,
                                        runtime.is_main, micro_total, progress.writer_step)
         modes = (_set_modes(self.model_T, False), _set_modes(self.model_S, True))
-        clip_parameters = list(self.model_S.parameters())
+        phases = self._phases
         print_every = max(1, plan.final_step // self.print_freq)
         epochs = plan.epochs_to_run if plan.mode == "epochs" else None
         window_normalised = (type(self).count_window_tokens
                              is not AbstractDistiller.count_window_tokens)
+        # Several phases run the same micro-batches in turn, so a window is read ahead;
+        # one phase streams them (a postprocessor's random draws stay where 0.2.1 had them).
+        by_window = len(phases) > 1 or window_normalised
         ACTIVE_STUDENT_FORWARDS[id(self.model_S)] = self._student_forward
         self.attach_training_hooks()
         logger.info("Training: %s, %s optimizer steps, checkpoints to %s", plan.mode,
@@ -496,32 +552,23 @@ class AbstractDistiller:
             for epoch in range(progress.epoch, plan.epochs_to_run):
                 progress.epoch = epoch
                 if progress.micro_in_epoch == 0:
-                    optimizer.zero_grad()
+                    for phase in phases:
+                        phase.optimizer.zero_grad()
                 batches = source.epoch(epoch)  # creates the data iterator (draws a shuffle)
                 if resume_rng is not None:
                     set_rng_state(resume_rng)  # the source is positioned: now the saved RNG
                     resume_rng = None
-                if window_normalised:
-                    batches = self._with_window_counts(batches, accumulation)
-                for batch in batches:
-                    ends_window = (progress.micro_in_epoch + 1) % accumulation == 0
-                    with runtime.no_sync(self._trainable, skip=not ends_window):
-                        with runtime.autocast():
-                            total, parts = _as_loss_and_parts(self.train_on_batch(batch, args))
-                        self.write_loss(total, progress.writer_step, parts)
-                        log.count_samples(_batch_size(batch))
-                        if strict:
-                            log.flush(progress.global_step)
-                        runtime.backward(total * runtime.world_size if window_normalised
-                                         else total / accumulation)
-                    progress.writer_step += 1
-                    progress.micro_in_epoch += 1
-                    if not ends_window:
+                groups = (self._windows(batches, accumulation, window_normalised) if by_window
+                          else ([batch] for batch in batches))
+                for group in groups:
+                    window_ends = (progress.micro_in_epoch + len(group)) % accumulation == 0
+                    for phase in phases:
+                        self._run_phase(phase, group, window_ends, len(phases) > 1,
+                                        window_normalised, args)
+                    progress.writer_step += len(group)
+                    progress.micro_in_epoch += len(group)
+                    if not window_ends:
                         continue
-                    runtime.optimizer_step(optimizer, clip_parameters, max_grad_norm)
-                    if scheduler is not None:
-                        scheduler.step()
-                    optimizer.zero_grad()
                     progress.global_step += 1
                     self.update_schedules(progress.global_step / plan.total_steps)
                     if progress.global_step % print_every == 0:
@@ -555,8 +602,58 @@ class AbstractDistiller:
             _restore_modes(self.model_S, modes[1])
         logger.info("Training finished after %d optimizer steps", progress.global_step)
 
-    def _with_window_counts(self, batches: Iterable, accumulation: int) -> Iterator[Any]:
-        """Yields the micro-batches, setting ``self.window_tokens`` for each window first.
+    def _load_phases(self, path: str, saved: Dict[str, Any]) -> None:
+        extra = [phase for phase in self._phases if not phase.is_student]
+        if sorted(saved) != sorted(phase.name for phase in extra):
+            raise _phase_state_error(path, sorted(saved), sorted(p.name for p in extra))
+        for phase in extra:
+            state = saved[phase.name]
+            if len(state["modules"]) != len(phase.modules):
+                raise _phase_state_error(path, [f"{phase.name}: {len(state['modules'])} modules"],
+                                         [f"{phase.name}: {len(phase.modules)} modules"])
+            for module, module_state in zip(phase.modules, state["modules"]):
+                _check_fits(f"resume_from={path!r}: phase {phase.name!r}'s "
+                            f"{type(module).__name__}", module_state, module.state_dict(),
+                            "this run's module")
+                module.load_state_dict(module_state)
+            phase.optimizer.load_state_dict(state["optimizer"])
+            if phase.scheduler is not None and state["scheduler"] is not None:
+                phase.scheduler.load_state_dict(state["scheduler"])
+            if phase.scaler is not None and state["scaler"] is not None:
+                phase.scaler.load_state_dict(state["scaler"])
+
+    def _build_phases(self, optimizer, scheduler, max_grad_norm) -> List[Phase]:
+        student = Phase("student", optimizer, self.train_on_batch, [self.model_S], scheduler,
+                        max_grad_norm, list(self.model_S.parameters()), [self._trainable],
+                        self.runtime.scaler, is_student=True)
+        phases = self.phases(student)
+        if not phases or sum(phase.is_student for phase in phases) != 1:
+            raise ValueError(f"{type(self).__name__}.phases() must return the student phase it "
+                             f"was given once, with the scheme's own phases")
+        names = [phase.name for phase in phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must differ, got {names}")
+        for phase in phases:
+            if phase.is_student:
+                continue
+            if not isinstance(phase.optimizer, torch.optim.Optimizer):
+                raise TypeError(f"phase {phase.name!r}: optimizer must be a "
+                                f"torch.optim.Optimizer, got {type(phase.optimizer).__name__}")
+            phase.clip_parameters = [p for m in phase.modules for p in m.parameters()]
+            phase.scaler = self.runtime.new_scaler()
+            phase.trainables = []
+            for module in phase.modules:
+                module.to(self.runtime.device)
+                if id(module) not in self._wrappers:
+                    wrapper = self.runtime.wrap_trainable(module)
+                    self._wrappers[id(module)] = self.runtime.maybe_compile(wrapper)
+                    phase.trainables.append(wrapper)
+        return phases
+
+    def _windows(self, batches: Iterable, accumulation: int,
+                 count_tokens: bool) -> Iterator[List[Any]]:
+        """The micro-batches in lists of one accumulation window (the last may be short),
+        setting ``self.window_tokens`` for each when ``count_tokens``.
 
         Windows start at multiples of ``accumulation`` micro-batches into the epoch (a
         resumed run starts at a window boundary: checkpoints are taken there)."""
@@ -565,9 +662,40 @@ class AbstractDistiller:
             window = list(itertools.islice(iterator, accumulation))
             if not window:
                 return
-            count = self.count_window_tokens(window)
-            self.window_tokens = self.runtime.all_reduce_sum(int(count))
-            yield from window
+            if count_tokens:
+                count = self.count_window_tokens(window)
+                self.window_tokens = self.runtime.all_reduce_sum(int(count))
+            yield window
+
+    def _run_phase(self, phase: "Phase", group: List[Any], window_ends: bool, named: bool,
+                   window_normalised: bool, args: Dict[str, Any]) -> None:
+        """Forward, loss and backward of one phase on ``group``'s micro-batches, then its
+        optimizer step when the group ends an accumulation window."""
+        runtime, log = self.runtime, self._loss_log
+        progress, accumulation = self._progress, self.t_config.gradient_accumulation_steps
+        for offset, batch in enumerate(group):
+            ends_window = window_ends and offset == len(group) - 1
+            with runtime.no_sync(phase.trainables, skip=not ends_window):
+                with runtime.autocast():
+                    total, parts = _as_loss_and_parts(phase.loss(batch, args))
+                if named:
+                    log.record(progress.writer_step + offset, progress.global_step, total,
+                               {f"{phase.name}/{key}": value for key, value in parts.items()},
+                               total_name=f"{phase.name}/total_loss")
+                else:
+                    self.write_loss(total, progress.writer_step + offset, parts)
+                if phase is self._phases[0]:
+                    log.count_samples(_batch_size(batch))
+                if self.t_config.check_finite_every_step:
+                    log.flush(progress.global_step)
+                runtime.backward(total * runtime.world_size if window_normalised
+                                 else total / accumulation, phase.scaler)
+        if window_ends:
+            runtime.optimizer_step(phase.optimizer, phase.clip_parameters, phase.max_grad_norm,
+                                   phase.scaler)
+            if phase.scheduler is not None:
+                phase.scheduler.step()
+            phase.optimizer.zero_grad()
 
     def _check_student_is_finite(self, global_step: int) -> None:
         """Refuses to checkpoint non-finite weights (one host sync per checkpoint)."""
@@ -695,6 +823,13 @@ class AbstractDistiller:
             "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else None,
             "scaler": self.runtime.scaler.state_dict() if self.runtime.scaler else None,
             "per_rank": gathered,
+            "phases": {phase.name: {
+                "modules": [module.state_dict() for module in phase.modules],
+                "optimizer": phase.optimizer.state_dict(),
+                "scheduler": (phase.scheduler.state_dict()
+                              if hasattr(phase.scheduler, "state_dict") else None),
+                "scaler": phase.scaler.state_dict() if phase.scaler is not None else None,
+            } for phase in self._phases if not phase.is_student},
             "distiller": self.extra_state(),
             "train_config": self.t_config.to_dict(),
             "distill_config": self.d_config.to_dict() if self.d_config is not None else None,
@@ -797,6 +932,7 @@ class AbstractDistiller:
             scheduler.load_state_dict(state["scheduler"])
         if self.runtime.scaler is not None and state["scaler"] is not None:
             self.runtime.scaler.load_state_dict(state["scaler"])
+        self._load_phases(path, state.get("phases", {}))
         self.load_extra_state(state["distiller"])
         local = state["per_rank"][self.runtime.rank]
         source.load_state_dict(local["source"])
@@ -804,6 +940,11 @@ class AbstractDistiller:
             setattr(progress, key, value)
         logger.info("Resumed from %s at global step %d", path, global_step)
         return local["rng"]
+
+
+def _phase_state_error(path: str, saved: List[str], current: List[str]) -> CheckpointError:
+    return CheckpointError(f"resume_from={path!r}: the checkpoint was written with the extra "
+                           f"phases {saved}, this run has {current}")
 
 
 def _check_fits(what: str, saved: Dict[str, Any], current: Dict[str, Any], target: str) -> None:

@@ -134,27 +134,35 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``, through the grad scaler under fp16."""
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+    def new_scaler(self) -> Optional[torch.amp.GradScaler]:
+        """A grad scaler for another optimizer (fp16 only; None otherwise)."""
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def backward(self, loss: torch.Tensor, scaler: Any = "default") -> None:
+        """``loss.backward()``, through the grad scaler under fp16 (``scaler``: another
+        phase's scaler; default: the student's)."""
+        scaler = self.scaler if scaler == "default" else scaler
+        if scaler is not None:
+            scaler.scale(loss).backward()
         else:
             loss.backward()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer,
-                       clip_parameters: Iterable[nn.Parameter], max_grad_norm: float) -> None:
+                       clip_parameters: Iterable[nn.Parameter], max_grad_norm: float,
+                       scaler: Any = "default") -> None:
         """Unscales (fp16), clips ``clip_parameters`` if ``max_grad_norm > 0``, steps."""
-        if max_grad_norm > 0:
-            if self.scaler is not None:
-                self.scaler.unscale_(optimizer)
+        scaler = self.scaler if scaler == "default" else scaler
+        if max_grad_norm is not None and max_grad_norm > 0:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(list(clip_parameters), max_grad_norm)
-        if self.scaler is not None:
-            scale_before = self.scaler.get_scale() if not hasattr(self.scaler, "_scale") \
-                else self.scaler._scale.clone()
-            self.scaler.step(optimizer)
-            self.scaler.update()
-            scale_after = self.scaler._scale if hasattr(self.scaler, "_scale") \
-                else self.scaler.get_scale()
+        if scaler is not None:
+            scale_before = scaler.get_scale() if not hasattr(scaler, "_scale") \
+                else scaler._scale.clone()
+            scaler.step(optimizer)
+            scaler.update()
+            scale_after = scaler._scale if hasattr(scaler, "_scale") \
+                else scaler.get_scale()
             # update() lowers the scale exactly when the step was skipped
             self.skipped_steps += torch.as_tensor(scale_after < scale_before,
                                                   device=self.device).to(torch.int64)
@@ -199,11 +207,15 @@ class Runtime:
             return nn.DataParallel(module)
         return module
 
-    def no_sync(self, module: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-        """DDP's ``no_sync()`` on micro-batches that do not end an accumulation window."""
-        if skip and isinstance(module, nn.parallel.DistributedDataParallel):
-            return module.no_sync()
-        return contextlib.nullcontext()
+    def no_sync(self, modules: Any, skip: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync()`` (of a module or a list of them) on micro-batches that do not
+        end an accumulation window."""
+        stack = contextlib.ExitStack()
+        if skip:
+            for module in modules if isinstance(modules, (list, tuple)) else [modules]:
+                if isinstance(module, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        return stack
 
     def maybe_compile(self, module: nn.Module) -> nn.Module:
         """``torch.compile(module, **options)`` when ``TrainingConfig.compile`` asks for it."""

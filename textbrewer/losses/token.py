@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -234,22 +234,26 @@ def _topk_rows(spec: _Spec, log_q: torch.Tensor, ids: torch.Tensor, logprobs: to
 # ---------------------------------------------------------------------------------------
 # one chunk: value and gradient wrt the student's logits
 # ---------------------------------------------------------------------------------------
-def _align(spec: _Spec, z_S: torch.Tensor, z_T: torch.Tensor
-           ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher logits over one vocabulary (see ``vocab_alignment``)."""
-    v_S, v_T = z_S.shape[-1], z_T.shape[-1]
+def _aligned_width(spec: _Spec, v_S: int, v_T: int) -> int:
+    """The common vocabulary width (see ``vocab_alignment``)."""
     if v_S == v_T:
-        return z_S, z_T
-    if spec.vocab_alignment == "pad":  # missing columns are impossible tokens: −inf, never 0
-        width = max(v_S, v_T)
-        return (F.pad(z_S, (0, width - v_S), value=float("-inf")),
-                F.pad(z_T, (0, width - v_T), value=float("-inf")))
+        return v_S
+    if spec.vocab_alignment == "pad":
+        return max(v_S, v_T)
     if spec.vocab_alignment == "truncate":
-        width = min(v_S, v_T)
-        return z_S[..., :width], z_T[..., :width]
+        return min(v_S, v_T)
     raise ValueError(f"student vocabulary size {v_S} != teacher vocabulary size {v_T}; "
                      f"pass vocab_alignment='pad' (missing columns get -inf logits) or "
                      f"'truncate' if the ids agree on the shared range")
+
+
+def _fit(z: torch.Tensor, width: int) -> torch.Tensor:
+    """Logits over ``width`` columns: missing columns are impossible tokens (−inf, never 0)."""
+    if z.shape[-1] == width:
+        return z
+    if z.shape[-1] > width:
+        return z[..., :width]
+    return F.pad(z, (0, width - z.shape[-1]), value=float("-inf"))
 
 
 def _unalign(grad: torch.Tensor, v_S: int) -> torch.Tensor:
@@ -275,86 +279,92 @@ def _ce_rows(z_S: torch.Tensor, labels: torch.Tensor,
     return rows, grad
 
 
-def _teacher_log_probs(spec: _Spec, z_S: torch.Tensor, z_T: torch.Tensor
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Aligned scaled student logits s = z_S/τ and teacher log p, for one chunk."""
-    z_S, z_T = _align(spec, z_S, _up(z_T.detach()).to(z_S.dtype))
-    if spec.temperature == 1.0:  # skip two [n, V] divisions
-        return z_S, torch.log_softmax(z_T, dim=-1)
-    return z_S / spec.temperature, torch.log_softmax(z_T / spec.temperature, dim=-1)
+def _log_probs(spec: _Spec, z: torch.Tensor, width: int) -> torch.Tensor:
+    """log softmax(z / τ) over the aligned vocabulary."""
+    z = _fit(z, width)
+    return torch.log_softmax(z / spec.temperature if spec.temperature != 1.0 else z, dim=-1)
 
 
-def _chunk(spec: _Spec, z_S: torch.Tensor, teacher, labels: Optional[torch.Tensor],
-           valid: torch.Tensor, need_grad: bool, denom: torch.Tensor
+def _chunk(spec: _Spec, student: list, teacher: Callable[[], object], v_T: int,
+           labels: Optional[torch.Tensor], valid: torch.Tensor, need_grad: bool,
+           denom: torch.Tensor
            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Sums over one chunk's valid tokens, and the gradient of the chunk's share of the loss.
 
-    Memory matters here (this runs once per chunk, on [n, V] tensors): the ops after the
-    softmaxes work in place on tensors this function created, never on its inputs.
+    Memory is the point of the chunked paths, so this function keeps few [n, V] tensors
+    alive: it takes the student's logits out of ``student`` (a one-element list it empties,
+    so that it holds the only reference and can drop them once used) and calls ``teacher()``
+    only after the student's log-softmax exists; after the softmaxes it works in place on
+    tensors it created, never on its inputs.
 
     Args:
-        z_S: (n, V_S) student logits in the compute dtype (fp32 or fp64), no grad; not
-            modified.
-        teacher: (n, V_T) teacher logits, or a (ids, logprobs) pair for ``topk_kl``.
+        student: [z_S], (n, V_S) student logits in the compute dtype (fp32 or fp64), no grad.
+        teacher: returns the (n, V_T) teacher logits, or a (ids, logprobs) pair for
+            ``topk_kl``.
+        v_T: the teacher's vocabulary size (unused for ``topk_kl``).
         labels: (n,) int64 or None; valid: (n,) bool.
         need_grad: compute the gradient.
         denom: 0-dim divisor of the loss (the gradient is divided by it).
 
     Returns:
         kd_sum (τ² factor included), ce_sum (None when ``ce_weight`` is 0), and the gradient
-        of ``(kd_sum + ce_weight · ce_sum) / denom`` wrt ``z_S`` (n, V_S), or None.
+        of ``(kd_sum + ce_weight · ce_sum) / denom`` wrt z_S (n, V_S), or None.
     """
+    z_S = student.pop()
     v_S = z_S.shape[-1]
     tau = spec.temperature
     invalid = ~valid.unsqueeze(-1)
+    ce_sum = ce_grad = None
+    if spec.ce_weight != 0:  # first, so z_S can be dropped early
+        ce, ce_grad = _ce_rows(z_S, labels, need_grad)
+        ce_sum = ce.masked_fill(~valid, 0.0).sum()
     name, beta = spec.divergence, spec.beta
+    analytic = name in ("forward_kl", "reverse_kl", "topk_kl") or (
+        name == "jsd" and beta in (0.0, 1.0))
+    width = v_S if name == "topk_kl" else _aligned_width(spec, v_S, v_T)
     grad_s = None
-    if name == "topk_kl":
-        ids, logprobs = teacher
-        log_q = torch.log_softmax(z_S / tau if tau != 1.0 else z_S, dim=-1)
-        rows, target = _topk_rows(spec, log_q, ids, logprobs, need_grad)
-        if need_grad:  # d KL(p̂‖q) / d(z/τ) = q − p̂
-            grad_s = log_q.exp_().sub_(target)
-    else:
-        s, log_p = _teacher_log_probs(spec, z_S, teacher)
-        if name == "forward_kl" or (name == "jsd" and beta == 0):  # closed form: q − p
+    if analytic or not need_grad:
+        log_q = _log_probs(spec, z_S, width)
+        del z_S
+        if name == "topk_kl":
+            ids, logprobs = teacher()
+            rows, target = _topk_rows(spec, log_q, ids, logprobs, need_grad)
+            if need_grad:  # d KL(p̂‖q) / d(z/τ) = q − p̂
+                grad_s = log_q.exp_().sub_(target)
+        elif not analytic:
+            log_p = _log_probs(spec, _up(teacher()).to(log_q.dtype), width)
+            rows = _divergence_rows(spec, log_q, log_p)
+        elif name == "forward_kl" or (name == "jsd" and beta == 0.0):  # d/d(z/τ) = q − p
+            log_p = _log_probs(spec, _up(teacher()).to(log_q.dtype), width)
             p = log_p.exp()
-            log_q = torch.log_softmax(s, dim=-1)
-            del s
             rows = log_p.sub_(log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
             del log_p
             if need_grad:
                 grad_s = log_q.exp_().sub_(p)
-        elif name == "reverse_kl" or (name == "jsd" and beta == 1):
-            # d KL(q‖p) / ds = q ⊙ (log q − log p − KL)
-            log_q = torch.log_softmax(s, dim=-1)
-            del s
+        else:  # reverse KL: d KL(q‖p) / d(z/τ) = q ⊙ (log q − log p − KL)
+            log_p = _log_probs(spec, _up(teacher()).to(log_q.dtype), width)
             q = log_q.exp()
-            diff = log_q.sub_(log_p).masked_fill_(q == 0, 0.0)  # log q − log p
+            diff = log_q.sub_(log_p).masked_fill_(q == 0, 0.0)
             del log_p
             rows = (q * diff).sum(-1)
             if need_grad:
                 grad_s = diff.sub_(rows.unsqueeze(-1)).mul_(q)
-        elif need_grad:  # the other divergences: autograd on this chunk only
-            with torch.enable_grad():
-                leaf = s.detach().requires_grad_()
-                rows = _divergence_rows(spec, torch.log_softmax(leaf, dim=-1), log_p)
-                (grad_s,) = torch.autograd.grad(rows.masked_fill(~valid, 0.0).sum(), leaf)
-            rows = rows.detach()
-        else:
-            rows = _divergence_rows(spec, torch.log_softmax(s, dim=-1), log_p)
+    else:  # the other divergences: autograd on this chunk only
+        z_S = _fit(z_S, width)
+        leaf = (z_S / tau if tau != 1.0 else z_S).detach().requires_grad_()
+        del z_S
+        log_p = _log_probs(spec, _up(teacher()).to(leaf.dtype), width)
+        with torch.enable_grad():
+            rows = _divergence_rows(spec, torch.log_softmax(leaf, dim=-1), log_p)
+            (grad_s,) = torch.autograd.grad(rows.masked_fill(~valid, 0.0).sum(), leaf)
+        rows = rows.detach()
     kd_sum = rows.masked_fill(~valid, 0.0).sum() * spec.kd_scale
     grad = None
     if need_grad:  # invalid rows are zeroed, not multiplied by 0: they may hold inf
         grad = _unalign(grad_s.masked_fill_(invalid, 0.0), v_S)
         grad.mul_(spec.kd_scale / tau)
-    ce_sum = None
-    if spec.ce_weight != 0:
-        ce, ce_grad = _ce_rows(z_S, labels, need_grad)
-        ce_sum = ce.masked_fill(~valid, 0.0).sum()
-        if need_grad:
+        if ce_grad is not None:
             grad.add_(ce_grad.masked_fill_(invalid, 0.0), alpha=spec.ce_weight)
-    if need_grad:
         grad.div_(denom)
     return kd_sum, ce_sum, grad
 
@@ -452,10 +462,7 @@ def _teacher_rows(spec: _Spec, logits_T, rows: int, lead: torch.Size, what: str)
 
 
 def _check_vocab(spec: _Spec, v_S: int, v_T: int) -> None:
-    if v_S != v_T and spec.vocab_alignment is None:
-        raise ValueError(f"student vocabulary size {v_S} != teacher vocabulary size {v_T}; "
-                         f"pass vocab_alignment='pad' (missing columns get -inf logits) or "
-                         f"'truncate' if the ids agree on the shared range")
+    _aligned_width(spec, v_S, v_T)  # raises the error that names both sizes
 
 
 def _outputs(loss: torch.Tensor, kd: torch.Tensor, ce: Optional[torch.Tensor],
@@ -479,8 +486,9 @@ def _dense(spec, z_S, teacher, labels, valid, denom, reduction, lead):
         log_q = torch.log_softmax(z_S / spec.temperature, dim=-1)
         rows, _ = _topk_rows(spec, log_q, ids, logprobs, want_target=False)
     else:
-        s, log_p = _teacher_log_probs(spec, z_S, teacher)
-        rows = _divergence_rows(spec, torch.log_softmax(s, dim=-1), log_p)
+        width = _aligned_width(spec, z_S.shape[-1], teacher.shape[-1])
+        log_p = _log_probs(spec, _up(teacher).to(z_S.dtype), width)
+        rows = _divergence_rows(spec, _log_probs(spec, z_S, width), log_p)
     kd_rows = torch.where(valid, rows, 0.0) * spec.kd_scale
     ce_rows = None
     if spec.ce_weight != 0:
@@ -503,13 +511,19 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, logits_S, logits_T, ids, logprobs, labels, valid, denom, spec, chunk_size,
                 need_grad):
         n = logits_S.shape[0]
+        v_T = 0 if logits_T is None else logits_T.shape[-1]
         grad = torch.empty_like(logits_S) if need_grad else None
         kd = denom.new_zeros(())  # stays 0 for an empty input
         ce = denom.new_zeros(()) if spec.ce_weight != 0 else None
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
-            teacher = (ids[rows], logprobs[rows]) if logits_T is None else logits_T[rows]
-            kd_c, ce_c, grad_c = _chunk(spec, _up(logits_S[rows]), teacher,
+            if logits_T is None:
+                def teacher(rows=rows):
+                    return ids[rows], logprobs[rows]
+            else:
+                def teacher(rows=rows):
+                    return logits_T[rows]
+            kd_c, ce_c, grad_c = _chunk(spec, [_up(logits_S[rows])], teacher, v_T,
                                         None if labels is None else labels[rows], valid[rows],
                                         need_grad, denom)
             kd = kd + kd_c
@@ -545,6 +559,7 @@ class _FusedLoss(torch.autograd.Function):
         need_h, need_w, need_b = needs
         need_grad = need_h or need_w or need_b
         n = hidden_S.shape[0]
+        v_T = 0 if weight_T is None else weight_T.shape[0]
         grad_h = torch.zeros_like(hidden_S) if need_h else None
         # Accumulate head gradients in at least fp32: many chunks add up into them.
         acc = torch.float64 if weight_S.dtype == torch.float64 else torch.float32
@@ -556,14 +571,18 @@ class _FusedLoss(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h = hidden_S[rows]
             z_S = F.linear(h, weight_S, bias_S)
+            logits_dtype = z_S.dtype
+            student = [_up(z_S)]
+            del z_S  # the up-cast copy (or z_S itself) now lives only in `student`
             if hidden_T is None:
-                teacher = (ids[rows], logprobs[rows])
+                def teacher(rows=rows):
+                    return ids[rows], logprobs[rows]
             else:
-                teacher = F.linear(hidden_T[rows], weight_T, bias_T)
-            kd_c, ce_c, grad_z = _chunk(spec, _up(z_S), teacher,
+                def teacher(rows=rows):
+                    return F.linear(hidden_T[rows], weight_T, bias_T)
+            kd_c, ce_c, grad_z = _chunk(spec, student, teacher, v_T,
                                         None if labels is None else labels[rows], valid[rows],
                                         need_grad, denom)
-            del teacher
             kd = kd + kd_c
             if ce_c is not None:
                 ce = ce + ce_c
@@ -571,8 +590,7 @@ class _FusedLoss(torch.autograd.Function):
                 continue
             # In the logits' dtype, so the matmuls run like the forward one (bf16 under
             # autocast) and dtypes match without autocast.
-            grad_z = grad_z.to(z_S.dtype)
-            del z_S
+            grad_z = grad_z.to(logits_dtype)
             if need_h:
                 grad_h[rows] = grad_z @ weight_S.to(grad_z.dtype)
             if need_w:
