@@ -1,7 +1,7 @@
 """The one training loop, shared by every distiller and trainer.
 
 A distiller says how a batch becomes a loss (:meth:`AbstractDistiller.train_on_batch`);
-everything else lives here, once: device and precision (through :class:`Runtime`),
+everything else lives here, once: device and precision (through :class:`~textbrewer.distillers.runtime.Runtime`),
 gradient accumulation, clipping, optimizer and LR-scheduler steps, weight schedules,
 logging, checkpoints, callbacks, resuming and distributed training.
 
@@ -673,6 +673,10 @@ class AbstractDistiller:
         optimizer step when the group ends an accumulation window."""
         runtime, log = self.runtime, self._loss_log
         progress, accumulation = self._progress, self.t_config.gradient_accumulation_steps
+        if progress.micro_in_epoch % accumulation == 0:
+            # Another phase's backward may have reached these modules (the student's loss
+            # through a discriminator, say): a window starts from clean gradients.
+            phase.optimizer.zero_grad()
         for offset, batch in enumerate(group):
             ends_window = window_ends and offset == len(group) - 1
             with runtime.no_sync(phase.trainables, skip=not ends_window):
