@@ -17,6 +17,7 @@ setup(
         "test": ["pytest>=7", "transformers>=4.30"],
         "examples": ["scikit-learn>=1.0"],
         "transformers": ["transformers>=4.30"],
+        "docs": ["sphinx>=7", "myst-parser>=2"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

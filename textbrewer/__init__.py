@@ -10,10 +10,14 @@ from .distillers import (AbstractDistiller, BasicDistiller, BasicTrainer, Custom
 from .presets import (ADAPTOR_KEYS, FEATURES, KD_LOSS_MAP, MATCH_LOSS_MAP, MATCHES,
                       MATCHES_TRANSFORMERS, PROJ_MAP, TEMPERATURE_SCHEDULER, WEIGHT_SCHEDULER,
                       register_new)
-from . import losses, presets, registry, utils
+from . import capture, checkpoint, data_utils, logs, losses, presets, registry, utils
 from .adaptors import AdaptorError
-from .logs import NonFiniteLossError
+from .capture import ModuleCapture
+from .checkpoint import CheckpointError
+from .distillers.engine import Phase
+from .logs import NonFiniteLossError, set_verbosity
 from .distillers.sources import EmptyDataError
+from .losses.token import TokenDistillationLoss
 from .registry import RegistryError
 
 Distillers = {
@@ -33,4 +37,6 @@ __all__ = [
     # new
     "AbstractDistiller", "CustomMatch", "IntermediateMatch", "MATCHES", "MATCHES_TRANSFORMERS",
     "registry", "AdaptorError", "NonFiniteLossError", "EmptyDataError", "RegistryError",
+    "CheckpointError", "Phase", "ModuleCapture", "TokenDistillationLoss", "set_verbosity",
+    "capture", "checkpoint", "data_utils", "logs",
 ]

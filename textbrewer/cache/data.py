@@ -41,9 +41,9 @@ class IndexedDataset(torch.utils.data.Dataset):
 class CachedTeacherCollator:
     """Collate examples of an :class:`IndexedDataset` and attach their cached teacher rows.
 
-    The batch holds what ``collate_fn`` returns (default :func:`pad_collate`: right-padded
+    The batch holds what ``collate_fn`` returns (default :func:`~textbrewer.cache.writer.pad_collate`: right-padded
     ``input_ids``, ``attention_mask`` and ``labels``, each (B, L)), minus the index field,
-    plus ``batch[key]``: the dict of :meth:`TeacherCache.lookup` (``topk_ids`` (B, L, k)
+    plus ``batch[key]``: the dict of :meth:`~textbrewer.cache.reader.TeacherCache.lookup` (``topk_ids`` (B, L, k)
     int64, ``topk_logprobs`` (B, L, k) float32, ``tail_mass`` (B, L), ``mask`` (B, L)) and
     ``example_index`` (B,) int64. The student must not receive ``batch[key]``: pop it
     before ``student(**batch)``, or let the LM distiller do so.

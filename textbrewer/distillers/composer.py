@@ -310,21 +310,34 @@ class LossComposer(nn.Module):
         return captured[name]
 
     def _features(self, results, feature, layers, side, index, match):
-        if results.get(feature) is None:
+        available = results.get(feature)
+        # transformers' default 'sdpa' attention gives () (or Nones) for output_attentions=True
+        eager = (" transformers' default 'sdpa' attention returns no attention maps: load or "
+                 "build the model with attn_implementation='eager' (BertConfig(..., "
+                 "attn_implementation='eager') or from_pretrained(..., "
+                 "attn_implementation='eager'))." if feature == "attention" else "")
+        if available is None or len(available) == 0 or (
+                isinstance(available, (list, tuple)) and all(a is None for a in available)):
             raise AdaptorError(f"intermediate_matches[{index}] ({match.loss}, layer_T="
                                f"{match.layer_T}, layer_S={match.layer_S}) needs feature "
-                               f"{feature!r} but the {side}'s adaptor returned none (or None); it "
-                               f"returned {sorted(k for k, v in results.items() if v is not None)}"
+                               f"{feature!r} but the {side}'s adaptor returned none (None, empty "
+                               f"or all None); it returned "
+                               f"{sorted(k for k, v in results.items() if v is not None)}"
                                f" (a transformers model needs output_hidden_states=True / "
-                               f"output_attentions=True, e.g. as keyword arguments of train())")
-        available = results[feature]
+                               f"output_attentions=True, e.g. as keyword arguments of train())."
+                               + eager)
         count = len(available)
         picked = []
         for layer in (layers if isinstance(layers, list) else [layers]):
             if not -count <= layer < count:
+                # 0.2.1's MATCHES count attention layers from 1 (teacher 1..12)
+                base = (" textbrewer.MATCHES counts attention layers from 1 (TextBrewer 0.2.1's "
+                        "adaptors); transformers' outputs.attentions counts from 0: use "
+                        "textbrewer.MATCHES_TRANSFORMERS (every attention index one lower)."
+                        if feature == "attention" and layer >= count else "")
                 raise AdaptorError(f"intermediate_matches[{index}]: layer_{side[0].upper()}="
                                    f"{layer} but the {side}'s adaptor returned {count} "
-                                   f"{feature} entries (valid: 0..{count - 1})")
+                                   f"{feature} entries (valid: 0..{count - 1})." + base)
             picked.append(available[layer])
         return picked if isinstance(layers, list) else picked[0]
 

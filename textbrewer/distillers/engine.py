@@ -1,9 +1,10 @@
 """The one training loop, shared by every distiller and trainer.
 
 A distiller says how a batch becomes a loss (:meth:`AbstractDistiller.train_on_batch`);
-everything else lives here, once: device and precision (through :class:`~textbrewer.distillers.runtime.Runtime`),
-gradient accumulation, clipping, optimizer and LR-scheduler steps, weight schedules,
-logging, checkpoints, callbacks, resuming and distributed training.
+everything else lives here, once: device and precision (through
+:class:`~textbrewer.distillers.runtime.Runtime`), gradient accumulation, clipping,
+optimizer and LR-scheduler steps, weight schedules, logging, checkpoints, callbacks,
+resuming and distributed training.
 
 One optimizer step, in order: forward + loss for each micro-batch of the accumulation
 window (backward after each), then clip, optimizer step, LR-scheduler step, zero_grad,

@@ -60,7 +60,7 @@ class MultiTaskDistiller(GeneralDistiller):
             dataloaders: dict task name -> dataloader (the same keys as ``model_T``).
             num_steps: optimizer steps.
             scheduler_class, scheduler_args, scheduler, max_grad_norm, callback: as in
-                :meth:`AbstractDistiller.train`.
+                :meth:`~textbrewer.distillers.engine.AbstractDistiller.train`.
             tau: sampling temperature over dataset sizes.
             batch_postprocessors: dict task name -> ``batch -> batch``.
             **args: extra keyword arguments for every model call.

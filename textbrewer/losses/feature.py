@@ -299,7 +299,7 @@ def attention_transfer_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
     the match's weight). Channel counts of student and teacher may differ; positions
     (H·W or L) must agree. Invariant to a positive per-example scale of either feature.
 
-    For (N, L, D) states the map is over the L tokens (Σ_d |h_{l,d}|^p); padded tokens are
+    For (N, L, D) states the map is over the L tokens (``Σ_d |h_{l,d}|^p``); padded tokens are
     removed before the normalisation.
 
     Args:

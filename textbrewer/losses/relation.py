@@ -303,7 +303,7 @@ def pkt_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
     Cosine kernel ``K(a, b) = ½ (aᵀb / (‖a‖‖b‖) + 1)``; conditional probabilities
     ``p_{j|i} = K(t_i, t_j) / Σ_{k ≠ i} K(t_i, t_k)`` for j ≠ i (same q from the student);
     ``loss = (1/M) Σ_i Σ_{j ≠ i} p_{j|i} log(p_{j|i} / q_{j|i})``, i.e. the mean over
-    anchors i of KL(p_{·|i} ‖ q_{·|i}) (the paper writes the sum over i; dividing by M
+    anchors i of ``KL(p_{·|i} ‖ q_{·|i})`` (the paper writes the sum over i; dividing by M
     keeps the scale independent of the batch size). No ε is added inside the logarithm.
 
     Args:

@@ -4,18 +4,18 @@ Per valid token (vocabulary V, temperature τ): p = softmax(z_T / τ) is the tea
 distribution and q = softmax(z_S / τ) the student's. Every divergence here is a TRUE
 divergence (the teacher's entropy is included), so it is 0 when q = p:
 
-=================  ==========================================================================
-name               per-token value
-=================  ==========================================================================
-``forward_kl``     KL(p‖q) = Σ_v p_v (log p_v − log q_v)
-``reverse_kl``     KL(q‖p) = Σ_v q_v (log q_v − log p_v)
-``jsd``            m = (1−β)q + βp;  JSD_β = β·KL(p‖m) + (1−β)·KL(q‖m);  β = 0 is KL(p‖q)
-                   and β = 1 is KL(q‖p) *by definition* (TRL GKD / Liger convention)
-``skew_kl``        KL(p ‖ αp + (1−α)q)
+===================  ========================================================================
+name                 per-token value
+===================  ========================================================================
+``forward_kl``       KL(p‖q) = Σ_v p_v (log p_v − log q_v)
+``reverse_kl``       KL(q‖p) = Σ_v q_v (log q_v − log p_v)
+``jsd``              m = (1−β)q + βp;  JSD_β = β·KL(p‖m) + (1−β)·KL(q‖m);  β = 0 is KL(p‖q)
+                     and β = 1 is KL(q‖p) *by definition* (TRL GKD / Liger convention)
+``skew_kl``          KL(p ‖ αp + (1−α)q)
 ``skew_reverse_kl``  KL(q ‖ αq + (1−α)p)
-``tv``             ½ Σ_v |p_v − q_v|
-``topk_kl``        KL(p̂‖q) against a cached teacher's top-k (see :class:`TopKTeacher`)
-=================  ==========================================================================
+``tv``               ``½ Σ_v |p_v − q_v|``
+``topk_kl``          KL(p̂‖q) against a cached teacher's top-k (see :class:`TopKTeacher`)
+===================  ========================================================================
 
 Validity and normalisation. A token counts when ``labels != ignore_index`` (if labels are
 given) and ``mask != 0`` (if a mask is given). The default reduction is
@@ -46,6 +46,7 @@ Teacher inputs never receive gradients (they are treated as constants on every p
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
@@ -616,13 +617,27 @@ class _FusedLoss(torch.autograd.Function):
         return scaled + (None,) * 11
 
 
-@torch.compiler.disable
+def _eager_only(function):
+    """``torch.compiler.disable(function)``, applied at the first call: decorating at import
+    would import torch._dynamo, seconds that every ``import textbrewer`` would pay."""
+    disabled = None
+
+    @functools.wraps(function)
+    def call(*args):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(function)
+        return disabled(*args)
+    return call
+
+
+@_eager_only
 def _apply_chunked(*args):
     # Runs eagerly inside a torch.compile'd caller (graph break): see the module docstring.
     return _ChunkedLoss.apply(*args)
 
 
-@torch.compiler.disable
+@_eager_only
 def _apply_fused(*args):
     return _FusedLoss.apply(*args)
 
@@ -749,6 +764,11 @@ def fused_token_distillation_loss(hidden_S: torch.Tensor, weight_S: torch.Tensor
     returned in those tensors' dtypes; teacher inputs get none. No [N, V] tensor is created.
     Anything a model applies after its head (logit scaling, soft-capping) is NOT applied here.
 
+    ``divergence``, ``temperature``, ``beta``, ``alpha``, ``tail``,
+    ``scale_by_temperature_squared``, ``ce_weight``, ``ignore_index``, ``num_tokens``,
+    ``reduction``, ``vocab_alignment`` and ``return_dict`` are as in
+    :func:`token_distillation_loss` (``reduction='none'`` is not available).
+
     Args:
         hidden_S: student final hidden states, (N, Hs) or (B, L, Hs).
         weight_S: student head weight, (V_S, Hs).
@@ -759,9 +779,6 @@ def fused_token_distillation_loss(hidden_S: torch.Tensor, weight_S: torch.Tensor
         mask: (N,) / (B, L), 1 = keep.
         bias_S: (V_S,) or None.  bias_T: (V_T,) or None.
         chunk_size: tokens per chunk (default 1024).
-        divergence, temperature, beta, alpha, tail, scale_by_temperature_squared, ce_weight,
-        ignore_index, num_tokens, reduction, vocab_alignment, return_dict: as in
-            :func:`token_distillation_loss` (``reduction='none'`` is not available).
 
     Returns:
         Scalar loss, or ``{'loss', 'kd'[, 'ce']}`` with ``return_dict``.
@@ -823,14 +840,15 @@ def fused_token_distillation_loss(hidden_S: torch.Tensor, weight_S: torch.Tensor
 class TokenDistillationLoss(nn.Module):
     """Token-level LM distillation loss; one object for the dense, chunked and fused paths.
 
+    ``temperature``, ``beta``, ``alpha``, ``tail``, ``scale_by_temperature_squared``,
+    ``ce_weight``, ``ignore_index``, ``reduction``, ``vocab_alignment`` and ``return_dict``
+    are as in :func:`token_distillation_loss`.
+
     Args:
         divergence: ``'forward_kl'``, ``'reverse_kl'``, ``'jsd'``, ``'skew_kl'``,
             ``'skew_reverse_kl'``, ``'tv'``, ``'topk_kl'``; or the name of a user entry in
             :data:`textbrewer.registry.TOKEN_LOSSES` (dense path only, called as
             ``fn(logits_S, logits_T, mask=valid, **options)``).
-        temperature, beta, alpha, tail, scale_by_temperature_squared, ce_weight,
-        ignore_index, reduction, vocab_alignment, return_dict: see
-            :func:`token_distillation_loss`.
         chunk_size: None: ``forward`` is dense and ``fused`` uses 1024 tokens per chunk; an
             int: both paths use chunks of that many tokens.
 
@@ -954,7 +972,7 @@ def skew_reverse_kl_loss(logits_S, logits_T, mask=None, **options):
 
 @TOKEN_LOSSES.register("tv")
 def tv_loss(logits_S, logits_T, mask=None, **options):
-    """Total variation ½ Σ_v |p_v − q_v| per token, mean over valid tokens.
+    """Total variation ``½ Σ_v |p_v − q_v|`` per token, mean over valid tokens.
 
     Args: see :func:`token_distillation_loss`.
     """
