@@ -135,3 +135,19 @@ def test_a_loss_with_weights_trains_and_resumes(tmp_path):
     assert {id(p) for p in module.parameters()} == {id(p) for p in optimizer.param_groups[1]["params"]}
     state = torch.load(tmp_path / "crd" / "gs4.train_state.pt", weights_only=True)
     assert len(state["extras"]) == 1 and any("queue" in key for key in state["extras"][0])
+
+
+def test_module_matches_under_compile_and_bf16(tmp_path):
+    by_name = [{"module_T": "layers.1", "module_S": "layers.0", "loss": "hidden_mse",
+                "proj": ["linear", 8, 16]},
+               {"module_T": "classifier", "module_S": "classifier", "capture": "input",
+                "loss": "rkd_distance", "weight": 0.5}]
+    eager, _, _ = _train(tmp_path / "eager", by_name)
+    # torch.compile traces the hooks into the graph (backend 'eager': no code generation)
+    compiled, distiller, _ = _train(tmp_path / "compiled", by_name, compile={"backend": "eager"})
+    assert hasattr(distiller._student_forward, "_orig_mod")
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    bf16, distiller, _ = _train(tmp_path / "bf16", by_name, mixed_precision="bf16")
+    assert all(torch.isfinite(p).all() for p in bf16.parameters())
+    assert not bf16.layers[0]._forward_hooks
