@@ -15,7 +15,7 @@ setup(
     install_requires=["torch>=2.1", "numpy", "tqdm", "tensorboard"],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.30"],
-        "examples": ["scikit-learn>=1.0"],
+        "examples": ["scikit-learn>=1.0", "matplotlib>=3.5"],
         "transformers": ["transformers>=4.30"],
         "docs": ["sphinx>=7", "myst-parser>=2"],
     },

@@ -213,7 +213,9 @@ def test_tensorboard_tags_and_one_point_per_micro_batch(tmp_path):
         distiller.train(_sgd(student), _loader(16, 4), num_epochs=2)
     events = EventAccumulator(str(log_dir))
     events.Reload()
-    tags = set(events.Tags()["scalars"])
+    tags = {tag for tag in events.Tags()["scalars"]
+            if tag == "scalar/total_loss" or tag.startswith("scalar/unweighted_")}
+    # TextBrewer 0.2.1's loss tags (the step scalars beside them: tests/test_tensorboard.py)
     assert tags == {"scalar/total_loss", "scalar/unweighted_kd_loss",
                     "scalar/unweighted_hard_label_loss", "scalar/unweighted_hidden_nst_0-1_0-2",
                     "scalar/unweighted_hidden_hidden_mse_1_2"}

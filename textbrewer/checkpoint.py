@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "student_checkpoint_path", "state_path",
+__all__ = ["atomic_save", "atomic_write_text", "atomic_write_bytes", "student_checkpoint_path", "state_path",
            "latest_state_path", "state_paths_newest_first", "load_state", "load_student_weights",
            "remove_stale_temporaries", "prune_train_states", "CheckpointError"]
 
@@ -66,7 +66,12 @@ def atomic_save(obj: Any, path: str) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Writes UTF-8 ``text`` to ``path`` through a temporary file and an atomic rename."""
-    _atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file and an atomic rename."""
+    _atomic_write(path, lambda stream: stream.write(data))
 
 
 def student_checkpoint_path(output_dir: str, global_step: int) -> str:

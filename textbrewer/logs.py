@@ -12,12 +12,12 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 __all__ = ["LossLog", "NonFiniteLossError", "logger", "set_verbosity", "get_verbosity",
-           "disable_default_handler", "enable_default_handler"]
+           "disable_default_handler", "enable_default_handler", "read_scalars", "plot_curves"]
 
 logger = logging.getLogger("textbrewer")
 
@@ -115,6 +115,8 @@ class LossLog:
         self._pending: List[Tuple[int, int, Tuple[str, ...], torch.Tensor]] = []
         self.last_values: Dict[str, float] = {}
         self._samples = 0
+        self._loss_records = 0
+        self._last_writer_step = progress_initial
         self._clock = time.perf_counter()
 
     def count_samples(self, samples: int) -> None:
@@ -128,6 +130,7 @@ class LossLog:
         now = time.perf_counter()
         rate = self._samples / max(now - self._clock, 1e-9)
         self._samples, self._clock = 0, now
+        self.add_scalar("scalar/samples_per_second", rate, self._last_writer_step)
         loss = self.student_loss()
         epochs = f" (epoch {epoch + 1}/{num_epochs})" if num_epochs else ""
         total = int(total_steps) if float(total_steps).is_integer() else total_steps
@@ -144,8 +147,18 @@ class LossLog:
         self._pending.append((writer_step, global_step, names, torch.stack(values)))
         if self.progress is not None and total_name in ("total_loss", "student/total_loss"):
             self.progress.update(1)
-        if len(self._pending) >= self.log_steps:
+        self._loss_records += 1
+        if self._loss_records >= self.log_steps:
             self.flush()
+
+    def observe(self, writer_step: int, global_step: int, values: Dict[str, Any]) -> None:
+        """Keeps other scalars of a step (temperature, weights, learning rates: tensors stay
+        on the device, numbers as they are) for TensorBoard, written at the next flush."""
+        if not values or self.writer is None:
+            return
+        reference = next((v for v in values.values() if isinstance(v, torch.Tensor)), None)
+        stacked = torch.stack([_as_tensor(v, reference) for v in values.values()])
+        self._pending.append((writer_step, global_step, tuple(values), stacked))
 
     def flush(self, applied_steps: Optional[int] = None) -> None:
         """Copies pending values to the host (one sync), checks them, writes them.
@@ -158,7 +171,9 @@ class LossLog:
         """
         if not self._pending:
             return
-        host = torch.cat([values for *_, values in self._pending]).cpu()
+        host = torch.cat([values.to(self._pending[0][3].device)
+                          for *_, values in self._pending]).cpu()
+        self._last_writer_step = self._pending[-1][0]
         offset = 0
         for writer_step, global_step, names, values in self._pending:
             row = host[offset: offset + len(names)].tolist()
@@ -182,6 +197,7 @@ class LossLog:
                     self.writer.add_scalar(f"scalar/{name}", value, writer_step)
             self.last_values.update(zip(names, row))
         self._pending.clear()
+        self._loss_records = 0
         if self.progress is not None:
             if self.student_loss() is not None:
                 self.progress.set_postfix(loss=f"{self.student_loss():.4g}", refresh=False)
@@ -193,6 +209,7 @@ class LossLog:
     def discard_pending(self) -> None:
         """Drops values not yet flushed (after an error, so closing does not raise again)."""
         self._pending.clear()
+        self._loss_records = 0
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         """Writes one extra scalar (already on the host) to TensorBoard, if enabled."""
@@ -215,3 +232,62 @@ def _as_tensor(value, reference: Optional[torch.Tensor]) -> torch.Tensor:
         return value.detach().float().reshape(())
     device = reference.device if reference is not None else "cpu"
     return torch.tensor(float(value), device=device)
+
+
+def read_scalars(log_dir: str) -> Dict[str, List[Tuple[int, float]]]:
+    """The TensorBoard scalars a training wrote to ``log_dir``: tag -> [(step, value), ...].
+
+    Tags are those of TextBrewer 0.2.1 (``scalar/total_loss``, ``scalar/unweighted_*``) and,
+    after each optimizer step, ``scalar/kd_loss_weight``, ``scalar/hard_label_weight``,
+    ``scalar/temperature``, ``scalar/lr/group{i}`` and ``scalar/samples_per_second``.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+def plot_curves(log_dir: str, path: str, tags: Optional[List[str]] = None) -> List[str]:
+    """Writes a PNG of a training's TensorBoard curves (one panel per tag), atomically.
+
+    Args:
+        log_dir: the ``TrainingConfig.log_dir`` of the run.
+        path: the PNG file to write.
+        tags: the tags to plot (default: all).
+
+    Returns:
+        The tags plotted.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install matplotlib``).
+        ValueError: ``log_dir`` holds none of the tags.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plot_curves needs matplotlib: pip install matplotlib") from error
+    scalars = read_scalars(log_dir)
+    chosen = [tag for tag in (tags or sorted(scalars)) if tag in scalars]
+    if not chosen:
+        raise ValueError(f"no scalars {tags or ''} in {log_dir!r}; it has {sorted(scalars)}")
+    columns = min(3, len(chosen))
+    rows = -(-len(chosen) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.6 * rows), squeeze=False)
+    for axis, tag in zip(axes.flat, chosen):
+        steps, values = zip(*scalars[tag])
+        axis.plot(steps, values, linewidth=1)
+        axis.set_title(tag.replace("scalar/", ""), fontsize=9)
+        axis.tick_params(labelsize=7)
+    for axis in list(axes.flat)[len(chosen):]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    from .checkpoint import atomic_write_bytes
+    import io
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return chosen

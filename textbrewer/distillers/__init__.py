@@ -3,6 +3,7 @@ from .basic import BasicDistiller
 from .composer import LossComposer, probability_shift_, select_logits_with_mask
 from .engine import AbstractDistiller
 from .general import CustomMatch, GeneralDistiller
+from .lm import CausalLMDistiller, LMDistillationConfig, Seq2SeqLMDistiller
 from .multi_task import MultiTaskDistiller
 from .multi_teacher import MultiTeacherDistiller
 from .runtime import Runtime, move_to_device
@@ -10,4 +11,5 @@ from .trainer import BasicTrainer
 
 __all__ = ["AbstractDistiller", "BasicDistiller", "GeneralDistiller", "CustomMatch",
            "MultiTeacherDistiller", "MultiTaskDistiller", "BasicTrainer", "LossComposer",
-           "Runtime", "move_to_device", "probability_shift_", "select_logits_with_mask"]
+           "Runtime", "move_to_device", "probability_shift_", "select_logits_with_mask",
+           "CausalLMDistiller", "Seq2SeqLMDistiller", "LMDistillationConfig"]

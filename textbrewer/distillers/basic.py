@@ -71,6 +71,15 @@ class BasicDistiller(AbstractDistiller):
         modules = super().extra_trainable_modules()
         return modules + [(module, {}) for module in self.composer.loss_modules.values()]
 
+    def observed_values(self) -> Dict[str, Any]:
+        """The current KD / hard-label weights and the last temperature (a scheduled one
+        is averaged over the examples)."""
+        values = {"kd_loss_weight": self.composer.kd_loss_weight,
+                  "hard_label_weight": self.composer.hard_label_weight}
+        if self.composer.last_temperature is not None:
+            values["temperature"] = self.composer.last_temperature
+        return values
+
     @property
     def caching_logits(self) -> bool:
         """Whether the teacher's logits are cached (read when training starts, as 0.2.1 did)."""

@@ -154,6 +154,8 @@ class LossComposer(nn.Module):
             else:
                 self.match_losses.append(MATCH_LOSSES[match.loss])
         self._warned: set = set()
+        #: the temperature of the last KD term (a float, or the mean of a scheduled one)
+        self.last_temperature: Any = None
 
     def projections_per_match(self) -> List[Optional[nn.Module]]:
         """The projection of each intermediate match, or None (TextBrewer 0.2.1's ``projs``)."""
@@ -204,6 +206,8 @@ class LossComposer(nn.Module):
             temperature = self.config.temperature
             if self.temperature_scheduler is not None:
                 temperature = self.temperature_scheduler(head_S, head_T, temperature)
+            self.last_temperature = (temperature.detach().float().mean()
+                                     if isinstance(temperature, torch.Tensor) else temperature)
             if self.kd_loss_takes_labels:
                 total = total + self.kd_loss(head_S, head_T, temperature, labels=labels[head])
             else:

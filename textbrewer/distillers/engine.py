@@ -350,6 +350,11 @@ class AbstractDistiller:
         """
         return None
 
+    def observed_values(self) -> Dict[str, Any]:
+        """Scalars logged to TensorBoard after each optimizer step (``scalar/{name}``), e.g.
+        the scheduled weights and the temperature; tensors may stay on the device."""
+        return {}
+
     def attach_training_hooks(self) -> None:
         """Called when training starts (e.g. to register feature-capture hooks)."""
 
@@ -572,6 +577,8 @@ class AbstractDistiller:
                         continue
                     progress.global_step += 1
                     self.update_schedules(progress.global_step / plan.total_steps)
+                    log.observe(progress.writer_step - 1, progress.global_step,
+                                self._step_values())
                     if progress.global_step % print_every == 0:
                         logger.info(log.progress_line(progress.global_step, plan.final_step,
                                                       epoch, epochs, progress.global_step))
@@ -622,6 +629,14 @@ class AbstractDistiller:
                 phase.scheduler.load_state_dict(state["scheduler"])
             if phase.scaler is not None and state["scaler"] is not None:
                 phase.scaler.load_state_dict(state["scaler"])
+
+    def _step_values(self) -> Dict[str, Any]:
+        values = dict(self.observed_values())
+        for phase in self._phases:
+            prefix = "lr" if phase.is_student else f"{phase.name}/lr"
+            for index, group in enumerate(phase.optimizer.param_groups):
+                values[f"{prefix}/group{index}"] = float(group["lr"])
+        return values
 
     def _build_phases(self, optimizer, scheduler, max_grad_norm) -> List[Phase]:
         student = Phase("student", optimizer, self.train_on_batch, [self.model_S], scheduler,
