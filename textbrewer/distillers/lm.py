@@ -29,7 +29,6 @@ none. Encoder-decoder models shift inside: the decoder logits at t are scored ag
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
