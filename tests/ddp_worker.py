@@ -98,11 +98,8 @@ def main(output_dir, mode="general"):
                 # the root's parameters (embeddings, tied LM head) stay gathered after the
                 # forward pass: the fused loss uses the head's weight outside the forward
                 fully_shard(model, reshard_after_forward=False)
+            # the optimizer is built over the sharded (DTensor) parameters
             optimizer = torch.optim.SGD(student.parameters(), lr=0.5, momentum=0.9)
-            # Runtime.wrap_trainable puts DDP around the student, which fails on FSDP2's
-            # DTensor parameters (c10d.broadcast_ has no sharding strategy): bypass it here
-            # until the runtime knows FSDP2.
-            distiller.runtime.wrap_trainable = lambda module: module
     elif mode == "general":
         distiller, student, optimizer = build(output_dir, world_size)
         data, collate_fn = dataset(), None

@@ -85,9 +85,9 @@ def _has_fsdp2():
 @pytest.mark.skipif(not _has_fsdp2(),
                     reason="FSDP2 (torch.distributed.fsdp.fully_shard) is not available")
 def test_fsdp2_sharded_teacher_and_student_equal_one_process(tmp_path):
-    """FSDP2 on both models, fused path: the gathered student equals the one-process run.
-    (The worker bypasses Runtime.wrap_trainable's DDP; gs{N}.pkl files hold DTensor shards
-    under FSDP2 and are not compared.)"""
+    """FSDP2 on both models, fused path: the gathered student equals the one-process run,
+    and so does every gs{N}.pkl (written unsharded: the runtime skips DDP for a sharded
+    student and gathers its state dict for checkpoints)."""
     ddp_worker = _worker()
     _torchrun(tmp_path / "fsdp2", "lm-fsdp2")
     student = _single_process(ddp_worker, tmp_path / "single")
@@ -96,3 +96,18 @@ def test_fsdp2_sharded_teacher_and_student_equal_one_process(tmp_path):
     assert sorted(full) == sorted(reference)
     for key, value in reference.items():
         torch.testing.assert_close(full[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    saved = sorted(p.name for p in (tmp_path / "fsdp2").glob("gs*.pkl"))
+    assert saved == sorted(p.name for p in (tmp_path / "single").glob("gs*.pkl")) and saved
+    for name in saved:
+        sharded_run = torch.load(tmp_path / "fsdp2" / name, weights_only=True)
+        single_run = torch.load(tmp_path / "single" / name, weights_only=True)
+        for key, value in single_run.items():
+            assert type(sharded_run[key]) is torch.Tensor  # not a DTensor shard
+            torch.testing.assert_close(sharded_run[key], value, rtol=1e-5, atol=1e-6,
+                                       msg=f"{name}: {key}")
+    # the training state holds the gathered optimizer state (momentum of every element)
+    state = torch.load(tmp_path / "fsdp2" / f"{saved[-1][:-4]}.train_state.pt",
+                       weights_only=True)
+    reference_state = torch.load(tmp_path / "single" / f"{saved[-1][:-4]}.train_state.pt",
+                                 weights_only=True)
+    assert len(state["optimizer"]["state"]) == len(reference_state["optimizer"]["state"])

@@ -39,7 +39,8 @@ from ..checkpoint import CheckpointError
 from ..configurations import DistillationConfig, TrainingConfig
 from ..logs import LossLog, NonFiniteLossError, logger
 from ..utils import seed_everything
-from .runtime import Runtime
+from .runtime import (Runtime, full_optimizer_state, full_state_dict, is_fsdp_sharded,
+                      load_full_optimizer_state, load_full_state_dict)
 from .sources import CycleSource, EmptyDataError, EpochSource, get_rng_state, set_rng_state
 
 __all__ = ["AbstractDistiller", "Phase", "TrainingPlan", "forward_model", "split_batch", "no_op"]
@@ -718,13 +719,19 @@ class AbstractDistiller:
             phase.optimizer.zero_grad()
 
     def _check_student_is_finite(self, global_step: int) -> None:
-        """Refuses to checkpoint non-finite weights (one host sync per checkpoint)."""
-        finite = [parameter.detach().isfinite().all() for parameter in self.model_S.parameters()]
-        if finite and not bool(torch.stack(finite).all()):
-            names = [name for name, parameter in self.model_S.named_parameters()
-                     if not bool(parameter.detach().isfinite().all())]
+        """Refuses to checkpoint non-finite weights (one host sync per checkpoint; under
+        FSDP2 each process checks its shards and the verdict is shared)."""
+        named = [(name, parameter.detach()) for name, parameter in self.model_S.named_parameters()]
+        local = [(name, value.to_local() if hasattr(value, "to_local") else value)
+                 for name, value in named]
+        bad = [name for name, value in local if not bool(value.isfinite().all())] \
+            if local and not bool(torch.stack([v.isfinite().all() for _, v in local]).all()) \
+            else []
+        if is_fsdp_sharded(self.model_S) and self.runtime.all_reduce_sum(len(bad)) and not bad:
+            bad = ["(on another process)"]
+        if bad:
             raise NonFiniteLossError(f"the student's parameters are not finite after optimizer "
-                                     f"step {global_step} (e.g. {names[:3]}); gs{global_step}.pkl "
+                                     f"step {global_step} (e.g. {bad[:3]}); gs{global_step}.pkl "
                                      f"was not written, the newest checkpoint is an earlier one")
 
     def _before_training(self, plan: TrainingPlan, source,
@@ -802,10 +809,12 @@ class AbstractDistiller:
         generators with training, as in TextBrewer 0.2.1, unless
         ``TrainingConfig.isolate_callback_rng`` is set.
         """
+        sharded = is_fsdp_sharded(self.model_S)
+        weights = full_state_dict(self.model_S) if sharded else None  # a collective
         if self.runtime.is_main:
             path = ckpt.student_checkpoint_path(self.t_config.output_dir, global_step)
             logger.info("Saving %s (epoch %d, epoch step %d)", path, epoch + 1, step + 1)
-            ckpt.atomic_save(self.model_S.state_dict(), path)
+            ckpt.atomic_save(weights if sharded else self.model_S.state_dict(), path)
             if callback is not None:
                 logger.info("Running callback at global step %d", global_step)
                 rng_state = get_rng_state() if self.t_config.isolate_callback_rng else None
@@ -823,6 +832,7 @@ class AbstractDistiller:
     def _save(self, progress: _Progress, optimizer, scheduler, plan: TrainingPlan,
               source) -> None:
         local = self._local_state(source)
+        optimizer_state = full_optimizer_state(self.model_S, optimizer)  # FSDP2: a collective
         if self.runtime.distributed:
             gathered: List[Any] = [None] * self.runtime.world_size
             dist.all_gather_object(gathered, local)
@@ -839,7 +849,7 @@ class AbstractDistiller:
                      "num_epochs": plan.num_epochs},
             "student_file_bytes": os.path.getsize(student_file),
             "extras": [module.state_dict() for module, _ in self.extra_trainable_modules()],
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else None,
             "scaler": self.runtime.scaler.state_dict() if self.runtime.scaler else None,
             "per_rank": gathered,
@@ -923,7 +933,7 @@ class AbstractDistiller:
         weights_path = ckpt.student_checkpoint_path(os.path.dirname(path), global_step)
         weights = ckpt.load_student_weights(weights_path, map_location=self.runtime.device)
         _check_fits(f"resume_from={path!r}: the saved student {weights_path}", weights,
-                    self.model_S.state_dict(), "model_S")
+                    _unsharded_shapes(self.model_S), "model_S")
         extras = self.extra_trainable_modules()
         if len(state["extras"]) != len(extras):
             raise CheckpointError(f"resume_from={path!r}: the checkpoint holds "
@@ -940,11 +950,11 @@ class AbstractDistiller:
             _check_fits(f"resume_from={path!r}: trained module {index} "
                         f"({type(module).__name__})", module_state, module.state_dict(),
                         "this run's module")
-        self.model_S.load_state_dict(weights)
+        load_full_state_dict(self.model_S, weights)
         for (module, _), module_state in zip(extras, state["extras"]):
             module.load_state_dict(module_state)
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            load_full_optimizer_state(self.model_S, optimizer, state["optimizer"])
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"resume_from={path!r}: the saved optimizer state does not fit "
                                   f"this optimizer ({error})") from None
@@ -983,6 +993,13 @@ def _check_fits(what: str, saved: Dict[str, Any], current: Dict[str, Any], targe
         if unexpected:
             details.append(f"unexpected {unexpected[:5]}")
         raise CheckpointError(f"{what} does not fit {target}: " + ", ".join(details))
+
+
+def _unsharded_shapes(module: nn.Module) -> Dict[str, Any]:
+    """The module's state-dict entries with their full shapes (a DTensor's global shape)."""
+    return {key: torch.empty(tuple(value.shape), device="meta")
+            if isinstance(value, torch.Tensor) else value
+            for key, value in module.state_dict().items()}
 
 
 def _as_loss_and_parts(result: Any) -> Tuple[torch.Tensor, Parts]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
-from typing import Any, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,9 @@ from torch import nn
 from ..configurations import TrainingConfig
 from ..logs import logger
 
-__all__ = ["Runtime", "move_to_device", "cpu_has_native_bf16"]
+__all__ = ["Runtime", "move_to_device", "cpu_has_native_bf16", "is_fsdp_sharded",
+           "full_state_dict", "load_full_state_dict", "full_optimizer_state",
+           "load_full_optimizer_state"]
 
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,6 +43,56 @@ def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False)
         except Exception:  # a Mapping type that cannot be built from a dict
             return moved
     return batch
+
+
+def is_fsdp_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules was sharded with FSDP2 (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(child, FSDPModule) for child in module.modules())
+
+
+def full_state_dict(module: nn.Module) -> Dict[str, Any]:
+    """``module.state_dict()``; for an FSDP2-sharded module the gathered, unsharded tensors on
+    the CPU (a collective: every process must call it)."""
+    if not is_fsdp_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: Dict[str, Any]) -> None:
+    """Loads an unsharded state dict into ``module``, sharding it again under FSDP2."""
+    if not is_fsdp_sharded(module):
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """``optimizer.state_dict()``; gathered (a collective) when ``module`` is FSDP2-sharded."""
+    if not is_fsdp_sharded(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer,
+                              state: Dict[str, Any]) -> None:
+    """Loads what :func:`full_optimizer_state` returned."""
+    if not is_fsdp_sharded(module):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+    set_optimizer_state_dict(module, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def cpu_has_native_bf16() -> Optional[bool]:
@@ -198,7 +250,13 @@ class Runtime:
         return int(total.item())
 
     def wrap_trainable(self, module: nn.Module) -> nn.Module:
-        """DistributedDataParallel (or DataParallel) around the trainable module, if asked."""
+        """DistributedDataParallel (or DataParallel) around the trainable module, if asked.
+
+        A module sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) already
+        synchronises its gradients and is returned as it is.
+        """
+        if is_fsdp_sharded(module):
+            return module
         if self.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
