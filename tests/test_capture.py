@@ -151,3 +151,37 @@ def test_module_matches_under_compile_and_bf16(tmp_path):
     bf16, distiller, _ = _train(tmp_path / "bf16", by_name, mixed_precision="bf16")
     assert all(torch.isfinite(p).all() for p in bf16.parameters())
     assert not bf16.layers[0]._forward_hooks
+
+
+def test_a_conv1x1_projection_between_feature_maps(tmp_path):
+    """FitNets on conv maps from the config: the projection's widths are the channels."""
+    class Net(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.conv = nn.Conv2d(1, channels, 3, padding=1)
+            self.head = nn.Linear(channels * 36, 3)
+
+        def forward(self, x):
+            return {"logits": self.head(self.conv(x).flatten(1))}
+
+    torch.manual_seed(0)
+    teacher, student = Net(8), Net(4)
+    loader = [(torch.randn(4, 1, 6, 6),)] * 2
+
+    def adaptor(batch, outputs):
+        return {"logits": outputs["logits"]}
+    match = {"module_T": "conv", "module_S": "conv", "loss": "fitnet",
+             "proj": ["conv1x1", 4, 8]}
+    distiller = GeneralDistiller(TrainingConfig(device="cpu", output_dir=str(tmp_path)),
+                                 DistillationConfig(intermediate_matches=[match]), teacher,
+                                 student, adaptor, adaptor)
+    projection = copy.deepcopy(distiller.projs[0])
+    with distiller:
+        distiller.train(torch.optim.SGD(student.parameters(), lr=0.1), loader, num_epochs=1)
+    assert not torch.equal(projection[0].weight, distiller.projs[0][0].weight)  # trained
+    bad = dict(match, proj=["conv1x1", 6, 8])
+    distiller = GeneralDistiller(TrainingConfig(device="cpu", output_dir=str(tmp_path / "b")),
+                                 DistillationConfig(intermediate_matches=[bad]), teacher,
+                                 student, adaptor, adaptor)
+    with pytest.raises(Exception, match=r"expects student hidden width 6 but got \[4\]"):
+        distiller.train(torch.optim.SGD(student.parameters(), lr=0.1), loader, num_epochs=1)

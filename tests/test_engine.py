@@ -153,7 +153,7 @@ def test_adaptor_keys_outside_adaptor_keys_warn_once_and_training_goes_on(tmp_pa
         distiller.train(_sgd(student), _loader(), num_epochs=1)
     warnings = [r.getMessage() for r in caplog.records if "'input_mask'" in r.getMessage()]
     assert len(warnings) == 1
-    assert "unknown key 'input_mask' (did you mean 'inputs_mask'?); it is ignored" in warnings[0]
+    assert "unknown key 'input_mask' (did you mean 'inputs_mask'?); the built-in losses ignore it" in warnings[0]
 
 
 def test_adaptor_that_returns_no_dict(tmp_path):

@@ -40,7 +40,8 @@ def _warn_unknown_keys(output: Mapping, role: str) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         # TextBrewer 0.2.1 ignored such keys and a published example returns the typo
         # 'input_mask': warn once and go on rather than stop a working script.
-        _logger.warning("%s returned the unknown key %r%s; it is ignored. Valid keys: %s",
+        _logger.warning("%s returned the unknown key %r%s; the built-in losses ignore it. "
+                        "Valid keys: %s",
                         role, key, hint, list(ADAPTOR_KEYS))
 
 
@@ -59,7 +60,8 @@ def normalize_adaptor_output(output: Any, role: str) -> Dict[str, Any]:
 
     ``logits``, ``logits_mask``, ``losses`` and ``labels`` become lists; ``hidden`` and
     ``attention`` stay as given (a list per layer, or a stacked tensor indexed by layer).
-    Keys outside ``ADAPTOR_KEYS`` are dropped with a warning (once per key and role).
+    Keys outside ``ADAPTOR_KEYS`` are kept (a subclass's ``compute_loss`` may use them, as in
+    0.2.1) but ignored by the built-in losses, with a warning (once per key and role).
 
     Args:
         output: what the adaptor returned.
@@ -72,8 +74,8 @@ def normalize_adaptor_output(output: Any, role: str) -> Dict[str, Any]:
         raise AdaptorError(f"{role} must return a dict with keys from {list(ADAPTOR_KEYS)}, "
                            f"got {type(output).__name__}")
     if any(key not in ADAPTOR_KEYS for key in output):
+        # kept in the result: 0.2.1 passed them on, and a subclass's compute_loss may read them
         _warn_unknown_keys(output, role)
-        output = {key: value for key, value in output.items() if key in ADAPTOR_KEYS}
     # e.g. 'losses': outputs.loss, which transformers sets to None on a batch without labels
     result = {key: value for key, value in output.items()
               if not (key in _LISTED_KEYS and value is None)}

@@ -13,17 +13,20 @@ which ``resume_from='latest'`` passes over.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import re
 import tempfile
+import time
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
 __all__ = ["atomic_save", "atomic_write_text", "atomic_write_bytes", "student_checkpoint_path", "state_path",
            "latest_state_path", "state_paths_newest_first", "load_state", "load_student_weights",
-           "remove_stale_temporaries", "prune_train_states", "CheckpointError"]
+           "remove_stale_temporaries", "prune_train_states", "set_aside_states",
+           "file_fingerprint", "CheckpointError"]
 
 _STATE_SUFFIX = ".train_state.pt"
 _TEMPORARY_PREFIX = ".tmp-"
@@ -35,9 +38,33 @@ class CheckpointError(ValueError):
 
 
 def _current_umask() -> int:
+    # /proc is read without touching the process-wide umask (setting it to probe it would
+    # race with other threads creating files, TensorBoard's writer among them)
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename in ``folder`` durable (a power loss could otherwise undo it while a
+    later unlink persists); a no-op where folders cannot be opened (Windows)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
 
 
 def _atomic_write(path: str, write: Callable) -> None:
@@ -53,6 +80,7 @@ def _atomic_write(path: str, write: Callable) -> None:
         # mkstemp creates 0600; a plain open() would have given 0666 & ~umask
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
+        _fsync_folder(folder)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -96,6 +124,40 @@ def _state_files(output_dir: str) -> List[Tuple[int, str]]:
 def state_paths_newest_first(output_dir: str) -> List[str]:
     """The training-state files in ``output_dir``, highest global step first."""
     return [path for _, path in _state_files(output_dir)]
+
+
+def set_aside_states(output_dir: str, after_step: int) -> List[str]:
+    """Moves the training states of steps above ``after_step`` (another run's, when a run
+    starts afresh or from an earlier state in this folder) into
+    ``{output_dir}/superseded_train_states/``, so that ``'latest'`` and pruning only see
+    this run's. Nothing is deleted. Returns the new paths."""
+    moved = []
+    for step, path in _state_files(output_dir):
+        if step <= after_step:
+            continue
+        folder = os.path.join(output_dir, "superseded_train_states")
+        os.makedirs(folder, exist_ok=True)
+        target = os.path.join(folder, os.path.basename(path))
+        if os.path.exists(target):
+            stem = os.path.basename(path)[:-len(_STATE_SUFFIX)]
+            target = os.path.join(folder, f"{stem}.{time.time_ns()}{_STATE_SUFFIX}")
+        os.replace(path, target)
+        moved.append(target)
+    return moved
+
+
+def file_fingerprint(path: str) -> str:
+    """A cheap fingerprint of a file: its size and the SHA-256 of its first, middle and last
+    MiB. Survives copies (unlike a modification time); two different students' weights of
+    the same size differ in the sampled bytes."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    block = 1 << 20
+    with open(path, "rb") as handle:
+        for offset in sorted({0, max(0, size // 2 - block // 2), max(0, size - block)}):
+            handle.seek(offset)
+            digest.update(handle.read(block))
+    return digest.hexdigest()
 
 
 def latest_state_path(output_dir: str) -> Optional[str]:
@@ -145,6 +207,10 @@ def load_state(path: str, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path}: its student weights {student} have "
                               f"{os.path.getsize(student)} bytes, the state recorded {expected} "
                               f"(overwritten or truncated)")
+    fingerprint = state.get("student_file_fingerprint")
+    if fingerprint is not None and file_fingerprint(student) != fingerprint:
+        raise CheckpointError(f"{path}: its student weights {student} were rewritten after the "
+                              f"state was saved (by another run?): they do not belong together")
     return state
 
 

@@ -135,6 +135,10 @@ class TrainingConfig(Config):
         check_finite_every_step: check every micro-batch's loss terms for NaN/inf before
             its optimizer step (one host sync per micro-batch) instead of every
             ``log_steps`` micro-batches, so no step is ever applied after a non-finite loss.
+        ddp_find_unused_parameters: passed to ``DistributedDataParallel``. True (default,
+            as TextBrewer 0.2.1) lets a student have parameters its loss does not use (a
+            pooler the adaptor ignores); False skips that search in every step (faster)
+            when every parameter is used.
     """
 
     gradient_accumulation_steps: int = 1
@@ -156,6 +160,7 @@ class TrainingConfig(Config):
     keep_train_states: Optional[int] = 1
     isolate_callback_rng: bool = False
     check_finite_every_step: bool = False
+    ddp_find_unused_parameters: bool = True
 
     def __post_init__(self) -> None:
         _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
@@ -197,7 +202,8 @@ class TrainingConfig(Config):
             raise ValueError(f"resume_from must be a path or 'latest', got {self.resume_from!r}")
         if self.keep_train_states is not None:
             _check_int("keep_train_states", self.keep_train_states, 1)
-        for name in ("isolate_callback_rng", "check_finite_every_step"):
+        for name in ("isolate_callback_rng", "check_finite_every_step",
+                     "ddp_find_unused_parameters"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("log_dir", "output_dir"):

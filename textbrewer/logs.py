@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -98,11 +98,16 @@ class LossLog:
         log_steps: flush (one device-to-host copy) every this many records.
         is_main: only the main process writes TensorBoard and shows progress.
         progress_total: micro-batches in the run, for the progress bar (None: unknown).
+        all_reduce_sum: under DDP, sums an int over the processes, so that a non-finite
+            value on one process stops every process at the same flush (flushes happen at
+            the same points on all of them).
     """
 
     def __init__(self, log_dir: Optional[str], log_steps: int, is_main: bool,
-                 progress_total: Optional[int] = None, progress_initial: int = 0):
+                 progress_total: Optional[int] = None, progress_initial: int = 0,
+                 all_reduce_sum: Optional[Callable[[int], int]] = None):
         self.log_steps = log_steps
+        self.all_reduce_sum = all_reduce_sum
         self.writer = None
         if log_dir is not None and is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -112,7 +117,7 @@ class LossLog:
             from tqdm.auto import tqdm
             self.progress = tqdm(total=progress_total, initial=progress_initial,
                                  disable=None, unit="batch", dynamic_ncols=True)
-        self._pending: List[Tuple[int, int, Tuple[str, ...], torch.Tensor]] = []
+        self._pending: List[Tuple[int, int, Tuple[str, ...], torch.Tensor, bool]] = []
         self.last_values: Dict[str, float] = {}
         self._samples = 0
         self._loss_records = 0
@@ -138,13 +143,15 @@ class LossLog:
                 f"{'n/a' if loss is None else f'{loss:.4g}'}, {rate:.1f} samples/s")
 
     def record(self, writer_step: int, global_step: int, total: torch.Tensor,
-               parts: Dict[str, torch.Tensor], total_name: str = "total_loss") -> None:
-        """Keeps ``total`` and ``parts`` (detached, on the device) for the next flush."""
+               parts: Dict[str, torch.Tensor], total_name: str = "total_loss",
+               write: bool = True) -> None:
+        """Keeps ``total`` and ``parts`` (detached, on the device) for the next flush
+        (``write=False``: checked and shown in progress, not written to TensorBoard)."""
         names = tuple(parts) + (total_name,)
         reference = total if isinstance(total, torch.Tensor) else None
         values = [_as_tensor(v, reference) for v in parts.values()] + \
             [_as_tensor(total, reference)]
-        self._pending.append((writer_step, global_step, names, torch.stack(values)))
+        self._pending.append((writer_step, global_step, names, torch.stack(values), write))
         if self.progress is not None and total_name in ("total_loss", "student/total_loss"):
             self.progress.update(1)
         self._loss_records += 1
@@ -158,24 +165,30 @@ class LossLog:
             return
         reference = next((v for v in values.values() if isinstance(v, torch.Tensor)), None)
         stacked = torch.stack([_as_tensor(v, reference) for v in values.values()])
-        self._pending.append((writer_step, global_step, tuple(values), stacked))
+        self._pending.append((writer_step, global_step, tuple(values), stacked, True))
 
-    def flush(self, applied_steps: Optional[int] = None) -> None:
+    def flush(self, applied_steps: Optional[int] = None, collective: bool = True) -> None:
         """Copies pending values to the host (one sync), checks them, writes them.
 
         Args:
             applied_steps: optimizer steps applied so far, for the error message.
+            collective: under DDP, share the non-finite verdict with the other processes
+                (every process must then flush at the same point).
 
         Raises:
-            NonFiniteLossError: a pending value is NaN or infinite (the first one is named).
+            NonFiniteLossError: a pending value is NaN or infinite (the first one is named),
+                here or on another process.
         """
         if not self._pending:
+            self._share_verdict(0, collective, applied_steps)
             return
-        host = torch.cat([values.to(self._pending[0][3].device)
-                          for *_, values in self._pending]).cpu()
+        host = torch.cat([pending[3].to(self._pending[0][3].device)
+                          for pending in self._pending]).cpu()
+        self._share_verdict(int(not bool(torch.isfinite(host).all())), collective,
+                            applied_steps)
         self._last_writer_step = self._pending[-1][0]
         offset = 0
-        for writer_step, global_step, names, values in self._pending:
+        for writer_step, global_step, names, values, write in self._pending:
             row = host[offset: offset + len(names)].tolist()
             offset += len(names)
             for name, value in zip(names, row):
@@ -193,7 +206,7 @@ class LossLog:
                         f"checked every log_steps={self.log_steps} micro-batches; "
                         f"TrainingConfig(check_finite_every_step=True) checks every micro-batch "
                         f"before its optimizer step (one host sync each)")
-                if self.writer is not None:
+                if self.writer is not None and write:
                     self.writer.add_scalar(f"scalar/{name}", value, writer_step)
             self.last_values.update(zip(names, row))
         self._pending.clear()
@@ -201,6 +214,17 @@ class LossLog:
         if self.progress is not None:
             if self.student_loss() is not None:
                 self.progress.set_postfix(loss=f"{self.student_loss():.4g}", refresh=False)
+
+    def _share_verdict(self, local_bad: int, collective: bool,
+                       applied_steps: Optional[int]) -> None:
+        if self.all_reduce_sum is None or not collective:
+            return
+        if self.all_reduce_sum(local_bad) and not local_bad:
+            self._pending.clear()
+            raise NonFiniteLossError(f"a loss term became NaN or infinite on another process "
+                                     f"(after {applied_steps} optimizer steps); stopping "
+                                     f"training on every process. That process's log names "
+                                     f"the term and the micro-batch")
 
     def student_loss(self) -> Optional[float]:
         """The student's last flushed total loss (None before the first flush)."""
@@ -217,9 +241,9 @@ class LossLog:
             self.writer.add_scalar(tag, value, step)
 
     def close(self, applied_steps: Optional[int] = None) -> None:
-        """Flushes and closes TensorBoard and the progress bar."""
+        """Flushes (without collectives) and closes TensorBoard and the progress bar."""
         try:
-            self.flush(applied_steps)
+            self.flush(applied_steps, collective=False)
         finally:
             if self.writer is not None:
                 self.writer.close()

@@ -367,7 +367,9 @@ class LossComposer(nn.Module):
             _, dim_in, dim_out, _ = match.proj
             for value, dim, side in ((feature_S, dim_in, "student"), (feature_T, dim_out,
                                                                        "teacher")):
-                widths = {t.size(-1) for t in (value if isinstance(value, list) else [value])}
+                # channels of (N, C, H, W) maps, the last dimension of (B, L, D) / (N, D)
+                widths = {t.size(1) if t.dim() == 4 else t.size(-1)
+                          for t in (value if isinstance(value, list) else [value])}
                 if widths != {dim}:
                     raise AdaptorError(
                         f"intermediate_matches[{index}]: proj {match.proj[:3]} expects "

@@ -285,6 +285,8 @@ class AbstractDistiller:
         self.window_tokens: Optional[int] = None
         self._phases: List[Phase] = []
         self._wrappers: Dict[int, Callable] = {}
+        self._tb_writer_override: Any = None
+        self._recorded = False
 
     # ---------------------------------------------------------------- what subclasses give
     def train_on_batch(self, batch: Any, args: Dict[str, Any]) -> Tuple[torch.Tensor, Parts]:
@@ -381,9 +383,16 @@ class AbstractDistiller:
     @property
     def tb_writer(self) -> Any:
         """TensorBoard's ``SummaryWriter`` of the running training (``no_op`` when off or
-        outside ``train()``), for subclasses that log their own scalars."""
+        outside ``train()``), for subclasses that log their own scalars; a subclass may
+        assign its own writer, as in 0.2.1."""
+        if self._tb_writer_override is not None:
+            return self._tb_writer_override
         writer = self._loss_log.writer if self._loss_log is not None else None
         return writer if writer is not None else no_op
+
+    @tb_writer.setter
+    def tb_writer(self, writer: Any) -> None:
+        self._tb_writer_override = writer
 
     def write_loss(self, total_loss: torch.Tensor, writer_step: int,
                    losses_dict: Optional[Parts] = None) -> None:
@@ -394,6 +403,7 @@ class AbstractDistiller:
         """
         if self._loss_log is None:
             raise RuntimeError("write_loss is called by the training loop, inside train()")
+        self._recorded = True
         self._loss_log.record(writer_step, self._progress.global_step, total_loss,
                               losses_dict or {})
 
@@ -519,9 +529,16 @@ class AbstractDistiller:
         progress = self._progress = _Progress()
         self._phases = self._build_phases(optimizer, scheduler, max_grad_norm)
         saved = self._load_resume_state(plan)
-        if saved is None and self.runtime.is_main and os.path.isdir(self.t_config.output_dir):
+        if self.runtime.is_main and os.path.isdir(self.t_config.output_dir):
             for path in ckpt.remove_stale_temporaries(self.t_config.output_dir):
                 logger.warning("Removed %s, a temporary file left by an interrupted run", path)
+            start = saved["progress"]["global_step"] if saved else 0
+            moved = ckpt.set_aside_states(self.t_config.output_dir, start)
+            if moved:
+                logger.warning("This run starts at step %d in %s, which holds training states of "
+                               "later steps from another run: moved %d of them to %s, so that "
+                               "resume_from='latest' finds this run's", start,
+                               self.t_config.output_dir, len(moved), os.path.dirname(moved[0]))
         self._before_training(plan, source, saved["distiller"] if saved else None)
         resume_rng = self._apply_resume(saved, optimizer, scheduler, source, progress)
         if progress.global_step >= plan.final_step:
@@ -540,8 +557,9 @@ class AbstractDistiller:
         micro_total = (int(len(loader) * plan.num_epochs)
                        if plan.mode == "epochs" and hasattr(loader, "__len__")
                        else plan.final_step * accumulation)
-        log = self._loss_log = LossLog(self.t_config.log_dir, self.t_config.log_steps,
-                                       runtime.is_main, micro_total, progress.writer_step)
+        log = self._loss_log = LossLog(
+            self.t_config.log_dir, self.t_config.log_steps, runtime.is_main, micro_total,
+            progress.writer_step, runtime.all_reduce_sum if runtime.distributed else None)
         modes = (_set_modes(self.model_T, False), _set_modes(self.model_S, True))
         phases = self._phases
         print_every = max(1, plan.final_step // self.print_freq)
@@ -581,8 +599,10 @@ class AbstractDistiller:
                     log.observe(progress.writer_step - 1, progress.global_step,
                                 self._step_values())
                     if progress.global_step % print_every == 0:
-                        logger.info(log.progress_line(progress.global_step, plan.final_step,
-                                                      epoch, epochs, progress.global_step))
+                        line = log.progress_line(progress.global_step, plan.final_step, epoch,
+                                                 epochs, progress.global_step)
+                        if runtime.is_main:
+                            logger.info(line)
                     if plan.is_checkpoint(progress.global_step, epoch):
                         log.flush(progress.global_step)
                         self._check_student_is_finite(progress.global_step)
@@ -704,7 +724,13 @@ class AbstractDistiller:
                                {f"{phase.name}/{key}": value for key, value in parts.items()},
                                total_name=f"{phase.name}/total_loss")
                 else:
+                    self._recorded = False
                     self.write_loss(total, progress.writer_step + offset, parts)
+                    if not self._recorded:
+                        # an override that does not call the base method still gets the
+                        # non-finite check and the progress bar (its TensorBoard is its own)
+                        log.record(progress.writer_step + offset, progress.global_step, total,
+                                   parts, write=False)
                 if phase is self._phases[0]:
                     log.count_samples(_batch_size(batch))
                 if self.t_config.check_finite_every_step:
@@ -804,27 +830,52 @@ class AbstractDistiller:
                           callback: Optional[Callable]) -> None:
         """Saves ``gs{global_step}.pkl`` (main process), then runs the callback.
 
-        The callback gets the unwrapped student, ``callback(model=student, step=global_step)``,
-        and the student is put back in train mode afterwards. It shares the random-number
-        generators with training, as in TextBrewer 0.2.1, unless
-        ``TrainingConfig.isolate_callback_rng`` is set.
+        As in TextBrewer 0.2.1, every process runs the callback once the weights are saved
+        (a distributed evaluation, like its NER example's, synchronises inside it; a
+        callback that should run once checks the rank). It gets the unwrapped student,
+        ``callback(model=student, step=global_step)``, and the student is put back in
+        train mode afterwards. It shares the random-number generators with training, as in
+        0.2.1, unless ``TrainingConfig.isolate_callback_rng`` is set.
         """
         sharded = is_fsdp_sharded(self.model_S)
         weights = full_state_dict(self.model_S) if sharded else None  # a collective
-        if self.runtime.is_main:
+
+        def write():
             path = ckpt.student_checkpoint_path(self.t_config.output_dir, global_step)
+            # a training state of this step from another run must not pair with these weights
+            stale = ckpt.state_path(self.t_config.output_dir, global_step)
+            if os.path.exists(stale):
+                os.unlink(stale)
             logger.info("Saving %s (epoch %d, epoch step %d)", path, epoch + 1, step + 1)
             ckpt.atomic_save(weights if sharded else self.model_S.state_dict(), path)
-            if callback is not None:
-                logger.info("Running callback at global step %d", global_step)
-                rng_state = get_rng_state() if self.t_config.isolate_callback_rng else None
-                try:
-                    callback(model=self.model_S, step=global_step)
-                finally:
-                    if rng_state is not None:
-                        set_rng_state(rng_state)
-                self.model_S.train()
-        self.runtime.barrier()
+
+        self._on_main_then_together(write, f"writing gs{global_step}.pkl")
+        if callback is not None:
+            logger.info("Running callback at global step %d", global_step)
+            rng_state = get_rng_state() if self.t_config.isolate_callback_rng else None
+            try:
+                callback(model=self.model_S, step=global_step)
+            finally:
+                if rng_state is not None:
+                    set_rng_state(rng_state)
+            self.model_S.train()
+
+    def _on_main_then_together(self, work: Callable[[], None], what: str) -> None:
+        """Runs ``work`` on the main process; every process then learns whether it failed,
+        so a full disk on the main process stops all of them instead of leaving the others
+        waiting in the next collective."""
+        error = None
+        if self.runtime.is_main:
+            try:
+                work()
+            except BaseException as caught:  # re-raised below, after telling the others
+                error = caught
+        if self.runtime.distributed:
+            failed = self.runtime.all_reduce_sum(int(error is not None))
+            if failed and error is None:
+                raise RuntimeError(f"the main process failed while {what}; see its log")
+        if error is not None:
+            raise error
 
     def _local_state(self, source) -> Dict[str, Any]:
         return {"rng": get_rng_state(), "source": source.state_dict()}
@@ -838,8 +889,12 @@ class AbstractDistiller:
             dist.all_gather_object(gathered, local)
         else:
             gathered = [local]
-        if not self.runtime.is_main:
-            return
+        self._on_main_then_together(
+            lambda: self._write_state(progress, optimizer_state, scheduler, plan, gathered),
+            f"writing gs{progress.global_step}.train_state.pt")
+
+    def _write_state(self, progress: _Progress, optimizer_state: Dict[str, Any], scheduler,
+                     plan: TrainingPlan, gathered: List[Any]) -> None:
         output_dir = self.t_config.output_dir
         student_file = ckpt.student_checkpoint_path(output_dir, progress.global_step)
         state = {
@@ -848,6 +903,7 @@ class AbstractDistiller:
             "plan": {"mode": plan.mode, "total_steps": plan.total_steps,
                      "num_epochs": plan.num_epochs},
             "student_file_bytes": os.path.getsize(student_file),
+            "student_file_fingerprint": ckpt.file_fingerprint(student_file),
             "extras": [module.state_dict() for module, _ in self.extra_trainable_modules()],
             "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if hasattr(scheduler, "state_dict") else None,
@@ -888,6 +944,12 @@ class AbstractDistiller:
         for key in ("mode", "num_epochs", "total_steps"):
             saved, current = state["plan"][key], getattr(plan, key)
             if saved != current:
+                if key == "total_steps" and plan.mode == "steps":
+                    raise ValueError(f"resume_from={path!r}: the checkpoint was written by a run "
+                                     f"with num_steps={saved!r}, this run has num_steps="
+                                     f"{current!r}; a run resumes with the plan it started with "
+                                     f"(the schedules are sized by it): to train longer, start a "
+                                     f"new run from its gs{{N}}.pkl weights")
                 raise ValueError(f"resume_from={path!r}: the checkpoint was written by a run with "
                                  f"{key}={saved!r}, this run has {key}={current!r}")
         if len(state["per_rank"]) != self.runtime.world_size:

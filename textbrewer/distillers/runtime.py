@@ -259,7 +259,9 @@ class Runtime:
             return module
         if self.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+            return nn.parallel.DistributedDataParallel(
+                module, device_ids=device_ids,
+                find_unused_parameters=self.config.ddp_find_unused_parameters)
         if self.config.data_parallel and self.device.type == "cuda" \
                 and torch.cuda.device_count() > 1:
             return nn.DataParallel(module)

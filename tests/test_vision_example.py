@@ -1,0 +1,60 @@
+"""examples/vision.py runs: executed as a user would run it, in a subprocess."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 10
+METHODS = ("student_alone", "kd", "dkd", "fitnets", "at", "rkd", "crd")
+
+
+def _run_example(script, *arguments, timeout=300):
+    env = dict(os.environ)
+    # The package from this checkout, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *arguments],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_vision_example_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    completed = _run_example("vision.py", "--quick", "--output-dir", str(tmp_path))
+    assert completed.returncode == 0, (
+        f"examples/vision.py --quick exited {completed.returncode}\n"
+        f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}")
+    with open(tmp_path / "results.json", encoding="utf-8") as handle:
+        results = json.load(handle)
+
+    models = results["models"]
+    assert set(models) == {"teacher", *METHODS}
+    teacher = models["teacher"]
+    assert 0.0 <= teacher["accuracy"] <= 1.0
+    # Even the quick teacher learns: chance is 1/10.
+    assert teacher["accuracy"] > 0.5
+    seeds = results["run"]["seeds"]
+    for method in METHODS:
+        row = models[method]
+        assert row["seeds"] == seeds, method
+        assert len(row["accuracies"]) == len(seeds), method
+        assert all(0.0 <= value <= 1.0 for value in row["accuracies"]), method
+        assert 0.0 <= row["accuracy_mean"] <= 1.0, method
+        assert row["accuracy_std"] >= 0.0, method
+        assert row["parameters"] < teacher["parameters"], method
+        # The printed table shows the same numbers.
+        assert f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}" in completed.stdout
+        # One checkpoint per (method, seed), written by the distiller / trainer.
+        for seed in seeds:
+            assert glob.glob(os.path.join(tmp_path, method, f"seed{seed}", "gs*.pkl")), \
+                (method, seed)
+    assert models["student_alone"]["delta_vs_student_alone"] == 0.0
+    assert models["student_alone"]["distill_config"] is None
+    # Every distilled run records the configuration it used, as DistillationConfig.to_dict.
+    assert models["crd"]["distill_config"]["intermediate_matches"][0]["loss"] == "crd"
+    assert models["dkd"]["distill_config"]["kd_loss_weight_scheduler"][0] == "warmup"
+    assert results["size_ratio"] == pytest.approx(
+        teacher["parameters"] / models["student_alone"]["parameters"])
+    assert f"{teacher['accuracy']:.4f}" in completed.stdout
