@@ -1,7 +1,7 @@
 """Language-model distillers: token-level KD for causal and encoder-decoder LMs.
 
-:class:`CausalLMDistiller` and :class:`Seq2SeqLMDistiller` are :class:`BasicDistiller`
-subclasses: they run in the one training loop (accumulation, clipping, DDP, fp16/bf16,
+:class:`CausalLMDistiller` and :class:`Seq2SeqLMDistiller` are
+:class:`~textbrewer.BasicDistiller` subclasses (through :class:`LMDistillerBase`): they run in the one training loop (accumulation, clipping, DDP, fp16/bf16,
 checkpoints, resume) and only say how a batch becomes a loss, with the token losses of
 :mod:`textbrewer.losses.token`. Why ``BasicDistiller`` and not ``AbstractDistiller``: the
 weights ``kd_loss_weight`` / ``hard_label_weight`` and their schedules, TextBrewer 0.2.1's
@@ -12,7 +12,7 @@ matches do not apply and are refused or warned about.
 
 One micro-batch, in order:
 
-1. (read ahead for the whole accumulation window, in :meth:`count_window_tokens`) the
+1. (read ahead for the whole accumulation window, in :meth:`~textbrewer.distillers.engine.AbstractDistiller.count_window_tokens`) the
    batch is prepared on the host: on-policy / sequence-level KD batches are generated,
    the targets are aligned with the logits (causal shift), and the valid target tokens
    are counted, so the loss is normalised by the window's tokens over all ranks;
@@ -45,7 +45,7 @@ from ..losses.token import (DIVERGENCES, TopKTeacher, fused_token_distillation_l
 from .basic import BasicDistiller
 from .engine import forward_model
 
-__all__ = ["LMDistillationConfig", "CausalLMDistiller", "Seq2SeqLMDistiller"]
+__all__ = ["LMDistillationConfig", "LMDistillerBase", "CausalLMDistiller", "Seq2SeqLMDistiller"]
 
 LM_PATHS = ("auto", "dense", "chunked", "fused")
 TOPK_TAILS = ("renormalize", "uniform")
@@ -280,7 +280,7 @@ def _head_bias(model: nn.Module, head: nn.Module) -> Optional[torch.Tensor]:
     return bias
 
 
-class _LMDistillerBase(BasicDistiller):
+class LMDistillerBase(BasicDistiller):
     """What the causal and the encoder-decoder distillers share; see :class:`CausalLMDistiller`."""
 
     supports_logits_caching = False
@@ -708,7 +708,7 @@ class _LMDistillerBase(BasicDistiller):
         return first.long()
 
 
-class CausalLMDistiller(_LMDistillerBase):
+class CausalLMDistiller(LMDistillerBase):
     """Token-level distillation of a decoder-only (causal) LM.
 
     Loss per micro-batch (over the valid target tokens t of the accumulation window,
@@ -911,7 +911,7 @@ class CausalLMDistiller(_LMDistillerBase):
         return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
 
 
-class Seq2SeqLMDistiller(_LMDistillerBase):
+class Seq2SeqLMDistiller(LMDistillerBase):
     """Token-level distillation of an encoder-decoder LM (T5, BART and their families).
 
     ``labels`` (B, T) are the decoder's targets, aligned with the decoder's logits (the
