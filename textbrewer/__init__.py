@@ -15,6 +15,7 @@ from .adaptors import AdaptorError
 from .capture import ModuleCapture
 from .checkpoint import CheckpointError
 from .distillers.engine import Phase
+from .distillers.lm import CausalLMDistiller, LMDistillationConfig, Seq2SeqLMDistiller
 from .logs import NonFiniteLossError, set_verbosity
 from .distillers.sources import EmptyDataError
 from .losses.token import TokenDistillationLoss
@@ -38,5 +39,6 @@ __all__ = [
     "AbstractDistiller", "CustomMatch", "IntermediateMatch", "MATCHES", "MATCHES_TRANSFORMERS",
     "registry", "AdaptorError", "NonFiniteLossError", "EmptyDataError", "RegistryError",
     "CheckpointError", "Phase", "ModuleCapture", "TokenDistillationLoss", "set_verbosity",
-    "capture", "checkpoint", "data_utils", "logs",
+    "capture", "checkpoint", "data_utils", "logs", "CausalLMDistiller", "Seq2SeqLMDistiller",
+    "LMDistillationConfig",
 ]
