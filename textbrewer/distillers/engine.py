@@ -1043,9 +1043,11 @@ def _check_fits(what: str, saved: Dict[str, Any], current: Dict[str, Any], targe
     """A clear error when a saved state dict does not fit a module's (keys, shapes)."""
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
+    # an empty current tensor is a buffer its module sizes on first use (a quantisation
+    # observer's min/max): its own load_state_dict takes the saved size
     mismatched = [f"{key}: saved {tuple(saved[key].shape)}, {target} {tuple(current[key].shape)}"
                   for key in current if key in saved and isinstance(saved[key], torch.Tensor)
-                  and saved[key].shape != current[key].shape]
+                  and saved[key].shape != current[key].shape and current[key].numel() > 0]
     if missing or unexpected or mismatched:
         details = []
         if mismatched:
