@@ -84,6 +84,25 @@ def build_lm(output_dir, world_size=1, path="fused"):
     return distiller, student, optimizer
 
 
+def build_adversarial(output_dir, world_size=1):
+    """AdversarialDistiller (a discriminator phase, then the student's): mode 'adversarial'."""
+    from textbrewer.schemes import AdversarialDistiller
+    torch.manual_seed(0)
+    teacher = TinyTransformer(vocab_size=12, hidden_size=16, num_layers=2)
+    student = TinyTransformer(vocab_size=12, hidden_size=8, num_layers=1)
+    config = TrainingConfig(device="cpu", output_dir=output_dir, gradient_accumulation_steps=2,
+                            ckpt_frequency=2)
+    torch.manual_seed(1)
+    distiller = AdversarialDistiller(config, DistillationConfig(hard_label_weight=1,
+                                                                kd_loss_type="kl"),
+                                     teacher, student, tiny_adaptor, tiny_adaptor,
+                                     input_dim=3, hidden_size=8, adversarial_weight=0.5)
+    distiller.discriminator_optimizer = torch.optim.SGD(
+        distiller.discriminator.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    return distiller, student, optimizer
+
+
 def main(output_dir, mode="general"):
     torch.set_num_threads(1)
     world_size = int(os.environ["WORLD_SIZE"])
@@ -103,8 +122,11 @@ def main(output_dir, mode="general"):
     elif mode == "general":
         distiller, student, optimizer = build(output_dir, world_size)
         data, collate_fn = dataset(), None
+    elif mode == "adversarial":
+        distiller, student, optimizer = build_adversarial(output_dir, world_size)
+        data, collate_fn = dataset(), None
     else:
-        raise ValueError(f"unknown mode {mode!r}; expected 'general', 'lm' or 'lm-fsdp2'")
+        raise ValueError(f"unknown mode {mode!r}; expected 'general', 'lm', 'lm-fsdp2' or 'adversarial'")
     rank = distiller.runtime.rank
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=False)
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // world_size, sampler=sampler,
