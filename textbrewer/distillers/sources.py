@@ -76,6 +76,11 @@ class _Pass:
         generator = _generator_of(self.loader)
         if generator is not None:
             self.start_state["generator"] = generator.get_state()
+        if skip and hasattr(self.loader, "__len__") and skip >= len(self.loader):
+            # resumed at the end of a pass (an epoch-end checkpoint): nothing is left to
+            # read, and the saved RNG state is restored after positioning anyway
+            self.consumed = skip
+            return iter(())
         iterator = iter(self.loader)
         for _ in range(skip):
             next(iterator)
