@@ -22,7 +22,10 @@ GLOBAL_BATCH = 8
 MATCHES = [{"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
             "proj": ["linear", 8, 16]},
            {"layer_T": 1, "layer_S": 0, "feature": "attention", "loss": "attention_ce_mean",
-            "weight": 1}]
+            "weight": 1},
+           # features captured by forward hooks on named submodules, under DDP too
+           {"module_T": "layers.0", "module_S": "layers.0", "loss": "hidden_mse", "weight": 0.5,
+            "proj": ["linear", 8, 16]}]
 
 
 def dataset():

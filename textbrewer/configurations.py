@@ -135,10 +135,12 @@ class TrainingConfig(Config):
         check_finite_every_step: check every micro-batch's loss terms for NaN/inf before
             its optimizer step (one host sync per micro-batch) instead of every
             ``log_steps`` micro-batches, so no step is ever applied after a non-finite loss.
-        ddp_find_unused_parameters: passed to ``DistributedDataParallel``. True (default,
-            as TextBrewer 0.2.1) lets a student have parameters its loss does not use (a
-            pooler the adaptor ignores); False skips that search in every step (faster)
-            when every parameter is used.
+        ddp_find_unused_parameters: passed to ``DistributedDataParallel``. True lets a
+            student have parameters its loss does not use (a pooler the adaptor ignores),
+            as TextBrewer 0.2.1 did; False skips that search in every step. None (default):
+            True when nothing is trained with the student, False when projections or loss
+            modules are (they run after the student's forward, which DDP's search would
+            count as unused; give every student parameter a part in the loss then).
     """
 
     gradient_accumulation_steps: int = 1
@@ -160,7 +162,7 @@ class TrainingConfig(Config):
     keep_train_states: Optional[int] = 1
     isolate_callback_rng: bool = False
     check_finite_every_step: bool = False
-    ddp_find_unused_parameters: bool = True
+    ddp_find_unused_parameters: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
@@ -202,10 +204,12 @@ class TrainingConfig(Config):
             raise ValueError(f"resume_from must be a path or 'latest', got {self.resume_from!r}")
         if self.keep_train_states is not None:
             _check_int("keep_train_states", self.keep_train_states, 1)
-        for name in ("isolate_callback_rng", "check_finite_every_step",
-                     "ddp_find_unused_parameters"):
+        for name in ("isolate_callback_rng", "check_finite_every_step"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.ddp_find_unused_parameters not in (None, True, False):
+            raise ValueError(f"ddp_find_unused_parameters must be None, True or False, got "
+                             f"{self.ddp_find_unused_parameters!r}")
         for name in ("log_dir", "output_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):

@@ -718,7 +718,18 @@ class AbstractDistiller:
             ends_window = window_ends and offset == len(group) - 1
             with runtime.no_sync(phase.trainables, skip=not ends_window):
                 with runtime.autocast():
-                    total, parts = _as_loss_and_parts(phase.loss(batch, args))
+                    try:
+                        total, parts = _as_loss_and_parts(phase.loss(batch, args))
+                    except RuntimeError as error:
+                        if "Expected to have finished reduction" not in str(error):
+                            raise
+                        raise RuntimeError(
+                            "DistributedDataParallel: some parameter of the trained modules got "
+                            "no gradient in the previous step (a pooler or head the loss does not "
+                            "use). Give it a part in the loss, call requires_grad_(False) on it, "
+                            "or, when nothing is trained with the student (no projections or "
+                            "loss modules), set TrainingConfig(ddp_find_unused_parameters=True)"
+                        ) from error
                 if named:
                     log.record(progress.writer_step + offset, progress.global_step, total,
                                {f"{phase.name}/{key}": value for key, value in parts.items()},
@@ -820,7 +831,16 @@ class AbstractDistiller:
         if scheduler_class is not None:
             scheduler = scheduler_class(optimizer=optimizer, **(scheduler_args or {}))
         trainable = _Trainable(self.model_S, nn.ModuleList([m for m, _ in extras]))
-        self._trainable = self.runtime.wrap_trainable(trainable)
+        find_unused = self.t_config.ddp_find_unused_parameters
+        if find_unused and extras and self.runtime.distributed:
+            raise ValueError("TrainingConfig.ddp_find_unused_parameters=True cannot be used with "
+                             "modules trained with the student (projections, loss modules): "
+                             "they run after the student's forward pass, which DDP's search "
+                             "would count as unused. Leave it None, and give every student "
+                             "parameter a part in the loss (or requires_grad_(False) on those "
+                             "that have none)")
+        self._trainable = self.runtime.wrap_trainable(
+            trainable, find_unused_parameters=not extras if find_unused is None else find_unused)
         self._student_forward = self.runtime.maybe_compile(self._trainable)
         self._teacher_forwards = _map_models(self.model_T, self.runtime.maybe_compile)
         return optimizer, scheduler, None if self.runtime.is_main else True

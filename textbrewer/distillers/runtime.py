@@ -249,7 +249,7 @@ class Runtime:
         dist.all_reduce(total)
         return int(total.item())
 
-    def wrap_trainable(self, module: nn.Module) -> nn.Module:
+    def wrap_trainable(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         """DistributedDataParallel (or DataParallel) around the trainable module, if asked.
 
         A module sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) already
@@ -261,7 +261,7 @@ class Runtime:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(
                 module, device_ids=device_ids,
-                find_unused_parameters=self.config.ddp_find_unused_parameters)
+                find_unused_parameters=find_unused_parameters)
         if self.config.data_parallel and self.device.type == "cuda" \
                 and torch.cuda.device_count() > 1:
             return nn.DataParallel(module)
