@@ -239,6 +239,11 @@ class AbstractDistiller:
     """Base class of every distiller: the training loop; subclasses say how a batch
     becomes a loss.
 
+    Class attribute ``ddp_find_unused_parameters`` (default True, TextBrewer 0.2.1's
+    setting): what ``TrainingConfig.ddp_find_unused_parameters=None`` means for this
+    distiller when nothing is trained with the student; a subclass that uses student
+    parameters after the forward pass (an LM head in a fused loss) sets it to False.
+
     A subclass implements :meth:`train_on_batch` (and, if it trains extra modules such as
     projections, :meth:`extra_trainable_modules`). See ``docs/custom_distiller.md``.
 
@@ -253,6 +258,8 @@ class AbstractDistiller:
     Used as ``with distiller: distiller.train(...)``: inside the block the teachers are in
     eval mode and the student in train mode; both are restored afterwards.
     """
+
+    ddp_find_unused_parameters = True
 
     def __init__(self, train_config: TrainingConfig, distill_config: Optional[DistillationConfig],
                  model_T: Any, model_S: nn.Module, adaptor_T: Any, adaptor_S: Any):
@@ -839,8 +846,10 @@ class AbstractDistiller:
                              "would count as unused. Leave it None, and give every student "
                              "parameter a part in the loss (or requires_grad_(False) on those "
                              "that have none)")
-        self._trainable = self.runtime.wrap_trainable(
-            trainable, find_unused_parameters=not extras if find_unused is None else find_unused)
+        if find_unused is None:
+            find_unused = self.ddp_find_unused_parameters and not extras
+        self._trainable = self.runtime.wrap_trainable(trainable,
+                                                      find_unused_parameters=find_unused)
         self._student_forward = self.runtime.maybe_compile(self._trainable)
         self._teacher_forwards = _map_models(self.model_T, self.runtime.maybe_compile)
         return optimizer, scheduler, None if self.runtime.is_main else True

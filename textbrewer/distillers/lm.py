@@ -284,6 +284,9 @@ class LMDistillerBase(BasicDistiller):
     """What the causal and the encoder-decoder distillers share; see :class:`CausalLMDistiller`."""
 
     supports_logits_caching = False
+    # the fused loss uses the LM head's weight after the forward pass: DDP must not count
+    # it as unused there
+    ddp_find_unused_parameters = False
     #: whether the logits at t predict labels[t + 1] (causal) or labels[t] (seq2seq)
     shifts_labels = True
 
