@@ -26,7 +26,7 @@ import torch
 __all__ = ["atomic_save", "atomic_write_text", "atomic_write_bytes", "student_checkpoint_path", "state_path",
            "latest_state_path", "state_paths_newest_first", "load_state", "load_student_weights",
            "remove_stale_temporaries", "prune_train_states", "set_aside_states",
-           "file_fingerprint", "CheckpointError"]
+           "file_fingerprint", "fsync_folder", "CheckpointError"]
 
 _STATE_SUFFIX = ".train_state.pt"
 _TEMPORARY_PREFIX = ".tmp-"
@@ -52,7 +52,7 @@ def _current_umask() -> int:
     return mask
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: str) -> None:
     """Makes a rename in ``folder`` durable (a power loss could otherwise undo it while a
     later unlink persists); a no-op where folders cannot be opened (Windows)."""
     try:
@@ -80,7 +80,7 @@ def _atomic_write(path: str, write: Callable) -> None:
         # mkstemp creates 0600; a plain open() would have given 0666 & ~umask
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
-        _fsync_folder(folder)
+        fsync_folder(folder)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)

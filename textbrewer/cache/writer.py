@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import fsync_folder
 from .manifest import (CACHE_FILE_PATTERN, INDEX_FIELDS, LOGPROB_DTYPE, MANIFEST_NAME,
                        POSITION_RULES, TAIL_DTYPE, FileEntry, ShardInfo,
                        TeacherCacheManifest, data_fingerprint, example_hash, file_sha256,
@@ -191,19 +192,6 @@ def _top_k_rows(logits: torch.Tensor, k: int):
     return torch.cat(ids), torch.cat(logprobs), torch.cat(tails)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        handle = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on some platforms (Windows): best effort
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
 def _write_file(folder: str, name: str, write: Callable[[Any], None]) -> FileEntry:
     path = os.path.join(folder, name)
     temporary = path + ".tmp"
@@ -244,7 +232,7 @@ def _prepare_folder(path: str, overwrite: bool) -> None:
     # The manifest goes first: from this moment the folder is not a complete cache.
     if MANIFEST_NAME in entries:
         os.remove(os.path.join(path, MANIFEST_NAME))
-        _fsync_dir(path)
+        fsync_folder(path)
     for entry in entries:
         if entry != MANIFEST_NAME:
             os.remove(os.path.join(path, entry))
@@ -461,9 +449,9 @@ def write_teacher_cache(teacher: nn.Module, dataset: Iterable[Mapping], output_d
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     text = json.dumps(manifest.to_dict(), indent=1)
     # Data files are durable before the manifest appears: the rename is the commit point.
-    _fsync_dir(output_dir)
+    fsync_folder(output_dir)
     _write_file(output_dir, MANIFEST_NAME, lambda handle: handle.write(text.encode("utf-8")))
-    _fsync_dir(output_dir)
+    fsync_folder(output_dir)
     return manifest
 
 

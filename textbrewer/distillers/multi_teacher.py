@@ -1,8 +1,9 @@
 """MultiTeacherDistiller: KD against the average of several teachers' logits."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
 from ..configurations import DistillationConfig, TrainingConfig
@@ -44,8 +45,15 @@ class MultiTeacherDistiller(BasicDistiller):
         return [self.forward_teacher(model, teacher_batch, args)
                 for model in self._teacher_forwards]
 
-    def adapt_teacher(self, teacher_batch: Any, outputs: List[Any]) -> Dict[str, Any]:
-        """Each teacher's adaptor output, then the per-head mean of their logits."""
+    def adapted_teachers(self, teacher_batch: Any, outputs: List[Any]
+                         ) -> Tuple[List[Dict[str, Any]], List[List[torch.Tensor]]]:
+        """Each teacher's normalised adaptor output, and per logits head the teachers'
+        logits (checked: same number of heads, same shapes).
+
+        Returns:
+            ``(results, heads)``: one dict per teacher, and for each head a list with one
+            tensor per teacher.
+        """
         if not isinstance(outputs, (list, tuple)) or len(outputs) != len(self.model_T):
             raise ValueError(f"expected a list of {len(self.model_T)} teacher outputs "
                              f"(teacher_cache included), got {type(outputs).__name__}")
@@ -56,15 +64,18 @@ class MultiTeacherDistiller(BasicDistiller):
         if len(heads) != 1:
             raise ValueError(f"the teachers' adaptors returned different numbers of logits "
                              f"heads: {[len(r.get('logits', [])) for r in results]}")
-        for head, logits in enumerate(zip(*(result["logits"] for result in results))):
+        per_head = [list(logits) for logits in zip(*(result["logits"] for result in results))]
+        for head, logits in enumerate(per_head):
             shapes = [tuple(value.shape) for value in logits]
             if len(set(shapes)) != 1:
                 raise ValueError(f"logits head {head}: the teachers' logits have different "
-                                 f"shapes {shapes}; they are averaged, so every teacher must "
+                                 f"shapes {shapes}; they are combined, so every teacher must "
                                  f"predict the same classes")
+        return results, per_head
+
+    def adapt_teacher(self, teacher_batch: Any, outputs: List[Any]) -> Dict[str, Any]:
+        """Each teacher's adaptor output, then the per-head mean of their logits."""
+        results, per_head = self.adapted_teachers(teacher_batch, outputs)
         averaged = dict(results[0])
-        averaged["logits"] = [sum(head) / len(head)
-                              for head in zip(*(result["logits"] for result in results))]
+        averaged["logits"] = [sum(logits) / len(logits) for logits in per_head]
         return averaged
-
-

@@ -170,30 +170,15 @@ class WeightedMultiTeacherDistiller(MultiTeacherDistiller):
 
     def adapt_teacher(self, teacher_batch: Any, outputs: List[Any]) -> Dict[str, Any]:
         """Each teacher's adaptor output, then the per-head weighted target."""
-        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(self.model_T):
-            raise ValueError(f"expected a list of {len(self.model_T)} teacher outputs "
-                             f"(teacher_cache included), got {type(outputs).__name__}")
-        results = [self.adapt(adaptor, teacher_batch, output, f"teacher {index}'s adaptor")
-                   for index, (adaptor, output)
-                   in enumerate(zip(self._teacher_adaptors(), outputs))]
-        heads = {len(result.get("logits", [])) for result in results}
-        if len(heads) != 1:
-            raise ValueError(f"the teachers' adaptors returned different numbers of logits "
-                             f"heads: {[len(r.get('logits', [])) for r in results]}")
+        results, per_head = self.adapted_teachers(teacher_batch, outputs)
         targets = []
-        for head, logits in enumerate(zip(*(result["logits"] for result in results))):
-            shapes = [tuple(value.shape) for value in logits]
-            if len(set(shapes)) != 1:
-                raise ValueError(f"logits head {head}: the teachers' logits have different "
-                                 f"shapes {shapes}; they are combined, so every teacher must "
-                                 f"predict the same classes")
+        for head, logits in enumerate(per_head):
             labels = self._labels(results[0], head) if self.weighting == "gold" else None
-            targets.append(weighted_teacher_logits(list(logits), self.weighting, self.weights,
+            targets.append(weighted_teacher_logits(logits, self.weighting, self.weights,
                                                    self.tau, labels))
             if head == 0:
                 with torch.no_grad():
-                    w = teacher_weights(list(logits), self.weighting, self.weights, self.tau,
-                                        labels)
+                    w = teacher_weights(logits, self.weighting, self.weights, self.tau, labels)
                     self.last_mean_weights = w.reshape(-1, len(logits)).mean(0)
         combined = dict(results[0])
         combined["logits"] = targets
