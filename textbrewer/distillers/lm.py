@@ -45,7 +45,8 @@ from ..losses.token import (DIVERGENCES, TopKTeacher, fused_token_distillation_l
 from .basic import BasicDistiller
 from .engine import forward_model
 
-__all__ = ["LMDistillationConfig", "LMDistillerBase", "CausalLMDistiller", "Seq2SeqLMDistiller"]
+__all__ = ["LMDistillationConfig", "LMDistillerBase", "CausalLMDistiller", "Seq2SeqLMDistiller",
+           "PreparedBatch"]
 
 LM_PATHS = ("auto", "dense", "chunked", "fused")
 TOPK_TAILS = ("renormalize", "uniform")
@@ -182,7 +183,7 @@ class LMDistillationConfig(Config):
         return self.lmbda > 0 or self.seq_kd
 
 
-class _Prepared(NamedTuple):
+class PreparedBatch(NamedTuple):
     """One micro-batch, ready for the loss (all tensors where the batch had them).
 
     ``labels`` and ``valid`` are aligned with the logits: (B, L) for a causal LM (the
@@ -331,7 +332,7 @@ class LMDistillerBase(BasicDistiller):
         self._check_vocabularies()
         self.path = self._resolve_path()
         self._policy_rng = torch.Generator().manual_seed(lm_config.seed)
-        self._prepared: List[Tuple[Any, _Prepared]] = []
+        self._prepared: List[Tuple[Any, PreparedBatch]] = []
         self._fused_checked = False
 
     # setup -----------------------------------------------------------------------------------
@@ -393,7 +394,7 @@ class LMDistillerBase(BasicDistiller):
         self._prepared = [(batch, self.prepare_batch(batch)) for batch in batches]
         return sum(prepared.count for _, prepared in self._prepared)
 
-    def _take_prepared(self, batch: Any) -> _Prepared:
+    def _take_prepared(self, batch: Any) -> PreparedBatch:
         if self._prepared and self._prepared[0][0] is batch:
             return self._prepared.pop(0)[1]
         # called outside the loop's window (a direct call): prepare now
@@ -408,7 +409,7 @@ class LMDistillerBase(BasicDistiller):
         return coin < self.lm_config.lmbda, seed
 
     # batches ---------------------------------------------------------------------------------
-    def prepare_batch(self, batch: Any) -> _Prepared:
+    def prepare_batch(self, batch: Any) -> PreparedBatch:
         """A dataloader batch to model inputs, aligned targets and the valid-token count.
 
         Args:
@@ -461,7 +462,7 @@ class LMDistillerBase(BasicDistiller):
             else:
                 teacher_inputs = self._model_inputs(self.model_T, teacher_batch, labels)
         count = int(valid.sum())  # the dataloader's host tensors: no device sync
-        return _Prepared(student_inputs, teacher_inputs, aligned, valid, topk, count, source)
+        return PreparedBatch(student_inputs, teacher_inputs, aligned, valid, topk, count, source)
 
     def _labels(self, batch: Mapping) -> torch.Tensor:
         raise NotImplementedError
@@ -572,7 +573,7 @@ class LMDistillerBase(BasicDistiller):
         prepared = self._take_prepared(batch)
         return self.compute_token_loss(prepared, args)
 
-    def compute_token_loss(self, prepared: _Prepared, args: Dict[str, Any]):
+    def compute_token_loss(self, prepared: PreparedBatch, args: Dict[str, Any]):
         """``kd_loss_weight · KD + hard_label_weight · CE`` over the valid target tokens,
         divided by the window's count (``self.window_tokens``; the batch's own count when
         called outside the loop).

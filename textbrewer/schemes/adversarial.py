@@ -71,9 +71,9 @@ class AdversarialDistiller(GeneralDistiller):
     """GeneralDistiller plus a discriminator phase and an adversarial term for the student.
 
     Args:
-        train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S,
-            custom_matches: as for :class:`~textbrewer.GeneralDistiller` (every KD, hard-label
-            and intermediate-match term is kept).
+        train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S, custom_matches:
+            as for :class:`~textbrewer.GeneralDistiller` (every KD, hard-label and
+            intermediate-match term is kept).
         discriminator: ``D: (N, D) -> (N,)`` (or (N, 1)) logits; default an
             :class:`MLPDiscriminator` of ``input_dim`` (required then).
         discriminator_optimizer: the optimizer over D's parameters; default

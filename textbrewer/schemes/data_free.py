@@ -71,7 +71,7 @@ class NoiseBatches:
             DDP give each process its own seed (``seed + rank``).
 
     Yields:
-        (B, *shape) float32 tensors on the CPU.
+        ``(B, *shape)`` float32 tensors on the CPU.
     """
 
     def __init__(self, batch_size: int, shape: Shape, num_batches: int = 1, seed: int = 0):
@@ -102,7 +102,7 @@ class MLPGenerator(nn.Module):
         num_layers: hidden layers.
         output_activation: ``'sigmoid'`` (inputs in [0, 1]), ``'tanh'`` ([-1, 1]) or None.
 
-    Forward: (B, Z) -> (B, *output_shape).
+    Forward: (B, Z) -> (B, \*output_shape).
     """
 
     def __init__(self, noise_dim: int, output_shape: Shape, hidden_size: int = 128,
@@ -165,7 +165,7 @@ class DFADDistiller(BasicDistiller):
         generator_lr: the default optimizer's learning rate.
         generator_max_grad_norm: clip G's gradients (≤ 0: no clipping).
 
-    The data: each micro-batch is a noise tensor ``z`` of (B, *noise_shape), as
+    The data: each micro-batch is a noise tensor ``z`` of shape ``(B, *noise_shape)``, as
     :class:`NoiseBatches` yields (``train(optimizer, num_steps=...)`` without a
     dataloader builds ``NoiseBatches(batch_size, noise_shape, seed=TrainingConfig.seed +
     rank)``); any other batch (say, the items of ``range(n)``) stands for one draw of ``z``
@@ -229,7 +229,7 @@ class DFADDistiller(BasicDistiller):
                 student_phase]
 
     def noise(self, batch: Any) -> torch.Tensor:
-        """``z`` (B, *noise_shape) on the device: the batch itself when it is a floating
+        """``z`` ``(B, *noise_shape)`` on the device: the batch itself when it is a floating
         tensor, else a fresh draw from torch's global generator."""
         if isinstance(batch, torch.Tensor) and batch.is_floating_point():
             if tuple(batch.shape[1:]) != self.noise_shape:
@@ -295,10 +295,10 @@ class SyntheticBatch(nn.Module):
     """A batch of inputs being optimised, and the classes they should become.
 
     Args:
-        inputs: (B, *input_shape) initial values (e.g. noise); becomes a Parameter.
+        inputs: (B, \*input_shape) initial values (e.g. noise); becomes a Parameter.
         targets: (B,) long target classes.
 
-    Forward: () -> the (B, *input_shape) inputs.
+    Forward: () -> the (B, \*input_shape) inputs.
     """
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
@@ -447,7 +447,7 @@ def synthesize_deep_inversion(model_T: nn.Module, input_shape: Shape, num_classe
             ``adaptor_T``, ``image_shape``).
 
     Returns:
-        ``(inputs, targets)``: (N, *input_shape) float and (N,) long, on the CPU.
+        ``(inputs, targets)``: ``(N, *input_shape)`` float and (N,) long, on the CPU.
     """
     shape = _shape(input_shape)
     generator = torch.Generator().manual_seed(seed)
