@@ -114,11 +114,11 @@ def optimizer_and_schedule(model: torch.nn.Module, lr: float, total_steps: int):
 
 
 def train_config(args: argparse.Namespace, name: str, device: torch.device,
-                 epochs: int) -> TrainingConfig:
+                 epochs: int, log_dir=None) -> TrainingConfig:
     """Checkpoints (``gs{step}.pkl``) three times per run, so the callback reports thrice."""
     return TrainingConfig(device=device, output_dir=os.path.join(args.output_dir, name),
                           ckpt_epoch_frequency=max(1, epochs // 3), seed=args.seed,
-                          log_steps=50)
+                          log_steps=50, log_dir=log_dir)
 
 
 def train_alone(name, model, data, args, device, epochs, history) -> None:
@@ -151,7 +151,11 @@ def distil(teacher, student, data, args, device, history) -> None:
         ])
     loader = train_loader(data["train"], args.batch_size, args.seed)
     optimizer, schedule = optimizer_and_schedule(student, args.lr, args.epochs * len(loader))
-    distiller = GeneralDistiller(train_config(args, "distilled_student", device, args.epochs),
+    # TensorBoard logs (losses, scheduled weights, temperature, learning rate, samples/s)
+    # when --curves asks for a picture of them
+    log_dir = os.path.join(args.output_dir, "tensorboard") if args.curves else None
+    distiller = GeneralDistiller(train_config(args, "distilled_student", device, args.epochs,
+                                              log_dir),
                                  distill_config, model_T=teacher, model_S=student,
                                  adaptor_T=tiny_adaptor, adaptor_S=tiny_adaptor)
     with distiller:
@@ -177,6 +181,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the split, the initial weights and the shuffles")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--curves", action="store_true",
+                        help="log the distillation to TensorBoard ({output-dir}/tensorboard) "
+                             "and draw its curves into {output-dir}/curves.png (matplotlib)")
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = 3 if args.quick else 30
@@ -245,6 +252,11 @@ def main(argv=None) -> Dict[str, Any]:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
     print(f"wrote {path}")
+    if args.curves:
+        from textbrewer.logs import plot_curves
+        picture = os.path.join(args.output_dir, "curves.png")
+        plot_curves(os.path.join(args.output_dir, "tensorboard"), picture)
+        print(f"wrote {picture}")
     return results
 
 

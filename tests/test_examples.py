@@ -1,5 +1,6 @@
 """The examples run: each is executed as a user would run it, in a subprocess."""
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,7 +27,8 @@ def _run_example(script, *arguments, timeout=300):
 def quickstart(tmp_path_factory):
     pytest.importorskip("sklearn")
     output_dir = tmp_path_factory.mktemp("quickstart")
-    completed = _run_example("quickstart.py", "--quick", "--output-dir", str(output_dir))
+    completed = _run_example("quickstart.py", "--quick", "--output-dir", str(output_dir),
+                             *(["--curves"] if importlib.util.find_spec("matplotlib") else []))
     assert completed.returncode == 0, (
         f"examples/quickstart.py --quick exited {completed.returncode}\n"
         f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}")
@@ -67,3 +69,11 @@ def test_quickstart_writes_checkpoints_and_runs_callbacks(quickstart):
         # The callback ran once per checkpoint and saw the same global steps.
         steps = sorted(int(os.path.basename(path)[2:-4]) for path in checkpoints)
         assert [entry["step"] for entry in results["history"][name]] == steps
+
+
+def test_quickstart_draws_its_training_curves(quickstart):
+    output_dir, _, stdout = quickstart
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("needs matplotlib (the examples extra)")
+    assert (output_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "curves.png" in stdout
