@@ -603,8 +603,9 @@ class AbstractDistiller:
                         continue
                     progress.global_step += 1
                     self.update_schedules(progress.global_step / plan.total_steps)
-                    log.observe(progress.writer_step - 1, progress.global_step,
-                                self._step_values())
+                    if log.writer is not None:  # only TensorBoard reads these values
+                        log.observe(progress.writer_step - 1, progress.global_step,
+                                    self._step_values())
                     if progress.global_step % print_every == 0:
                         line = log.progress_line(progress.global_step, plan.final_step, epoch,
                                                  epochs, progress.global_step)
