@@ -1,6 +1,7 @@
 """Shared parts of the text examples: offline data from Python's standard library, readers
-for the usual formats (SST-2 TSV, CoNLL-2003, SQuAD JSON), a word-level vocabulary, and
-the timing / table helpers.
+for the usual formats (SST-2 TSV, CoNLL-2003, SQuAD JSON), a word-level vocabulary, the
+BERT sizes, the teacher / student-alone / TinyBERT-distilled runs, and the timing / table
+helpers. (What all the examples share, text or not, is in ``_common.py`` beside it.)
 
 Nothing here downloads anything. The offline data sets are built from the ``.py`` files of
 the running Python's standard library (``sysconfig.get_paths()['stdlib']``), read with
@@ -10,8 +11,10 @@ follows the Python version (the numbers in examples/README.md are from Python 3.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import collections
+import copy
 import io
 import json
 import keyword
@@ -25,7 +28,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
-from textbrewer import BasicTrainer, TrainingConfig
+import _common as common  # examples/_common.py, on the path beside this file
+from textbrewer import BasicTrainer, DistillationConfig, GeneralDistiller, TrainingConfig
+from textbrewer.recipes import tinybert_layer_mapping
+from textbrewer.utils import count_parameters, seed_everything
 
 SKIPPED_DIRECTORIES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
                        "site-packages", "__pycache__"}
@@ -68,6 +74,13 @@ def stdlib_files(top_level: Optional[Sequence[str]] = None,
     return sorted(paths)
 
 
+def spread(paths: List[str], max_files: Optional[int]) -> List[str]:
+    """At most ``max_files`` of ``paths``, spread evenly over them (all when None)."""
+    if max_files is None:
+        return paths
+    return paths[::max(1, len(paths) // max_files)][:max_files]
+
+
 def read_source(relative: str) -> Optional[str]:
     try:
         with open(os.path.join(stdlib_root(), relative), encoding="utf-8") as handle:
@@ -80,6 +93,13 @@ def split_of(key: str) -> str:
     """A split from a CRC-32 of ``key``: 80 % train, 10 % validation, 10 % test."""
     bucket = zlib.crc32(key.encode("utf-8")) % 10
     return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def train_and_test(records: Iterable[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    """``{'train': [...], 'test': [...]}``: the records whose ``'split'`` is each (the
+    validation records are left out), in their order."""
+    records = list(records)
+    return {name: [r for r in records if r["split"] == name] for name in ("train", "test")}
 
 
 def words(text: str) -> List[str]:
@@ -242,9 +262,7 @@ def stdlib_tagging(max_files: Optional[int], length: int) -> Dict[str, Any]:
     are left out, longer ones cut at ``length``. Each *file* goes to one split (CRC-32 of
     its path), so test lines come from files never seen in training.
     """
-    paths = stdlib_files(single_modules=True)
-    if max_files is not None:
-        paths = paths[::max(1, len(paths) // max_files)][:max_files]  # spread over the library
+    paths = spread(stdlib_files(single_modules=True), max_files)
     sentences = []
     for relative in paths:
         source = read_source(relative)
@@ -329,9 +347,7 @@ def stdlib_spans(candidates: int, max_files: Optional[int], question_length: int
     """
     import random
     rng = random.Random(seed)
-    paths = stdlib_files(single_modules=True)
-    if max_files is not None:
-        paths = paths[::max(1, len(paths) // max_files)][:max_files]
+    paths = spread(stdlib_files(single_modules=True), max_files)
     examples = []
     for relative in paths:
         functions = []
@@ -412,20 +428,17 @@ def seconds_per_batch(models: Dict[str, torch.nn.Module],
     ``torch.cuda.synchronize()`` instead. The models take turns, ``repeats`` rounds, and
     each keeps its fastest pass.
     """
-    modes = {name: model.training for name, model in models.items()}
-    for model in models.values():
-        model.eval()
-        for _ in range(3):  # warm-up: the first calls of a model are slower
-            model(**batches[0])
     best = {name: float("inf") for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            started = time.process_time()
-            for batch in batches:
-                model(**batch)
-            best[name] = min(best[name], (time.process_time() - started) / len(batches))
-    for name, model in models.items():
-        model.train(modes[name])
+    with common.evaluating(*models.values()):
+        for model in models.values():
+            for _ in range(3):  # warm-up: the first calls of a model are slower
+                model(**batches[0])
+        for _ in range(repeats):
+            for name, model in models.items():
+                started = time.process_time()
+                for batch in batches:
+                    model(**batch)
+                best[name] = min(best[name], (time.process_time() - started) / len(batches))
     return best
 
 
@@ -439,12 +452,27 @@ def print_table(models: Dict[str, Dict[str, Any]], metrics: Sequence[str]) -> No
         print(f"{name:<24}{cells}{row['parameters']:>13,d}{row['speedup']:>9.1f}x")
 
 
-def write_results(output_dir: str, results: Dict[str, Any]) -> str:
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    return path
+def score(models: Dict[str, torch.nn.Module], test_batches: Sequence[Dict[str, torch.Tensor]],
+          metrics: Callable[[torch.nn.Module], Dict[str, float]], device,
+          label_keys: Sequence[str] = ("labels",)) -> Dict[str, Dict[str, Any]]:
+    """The rows of the results table: per model its ``metrics(model)`` (scores on the test
+    batches), parameters, CPU seconds per batch (:func:`seconds_per_batch` over the first 8
+    test batches, without ``label_keys``) and its speed-up over ``models['teacher']``."""
+    timing_batches = [to_device({k: v for k, v in b.items() if k not in label_keys}, device)
+                      for b in test_batches[:8]]
+    seconds = seconds_per_batch(models, timing_batches)
+    return {name: {**metrics(model), "parameters": count_parameters(model),
+                   "seconds_per_batch": seconds[name],
+                   "speedup": seconds["teacher"] / seconds[name]}
+            for name, model in models.items()}
+
+
+def report(results: Dict[str, Any], metrics: Sequence[str], output_dir: str) -> None:
+    """Prints the table of ``results['models']`` and the run's seconds, writes results.json."""
+    print()
+    print_table(results["models"], metrics)
+    print(f"{results['run']['seconds']:.0f} s")
+    print(f"wrote {common.write_results(output_dir, results)}")
 
 
 # ------------------------------------------------------------------------ training
@@ -459,17 +487,7 @@ def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]
 
 def loader(examples, collate: Callable, args) -> torch.utils.data.DataLoader:
     # a seeded generator: the same shuffles on every run and for every model
-    return torch.utils.data.DataLoader(examples, batch_size=args.batch_size, shuffle=True,
-                                       collate_fn=collate,
-                                       generator=torch.Generator().manual_seed(args.seed))
-
-
-def optimizer_and_schedule(model: torch.nn.Module, lr: float, total_steps: int):
-    """AdamW and a linear decay to zero, passed to the distiller as ``scheduler_class`` (so
-    the projections it adds to the optimizer are scheduled too)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    return optimizer, dict(scheduler_class=torch.optim.lr_scheduler.LambdaLR,
-                           scheduler_args={"lr_lambda": lambda s: max(0.0, 1 - s / total_steps)})
+    return common.shuffled(examples, args.batch_size, args.seed, collate)
 
 
 def train_config(args, name: str, device, epochs: int) -> TrainingConfig:
@@ -481,8 +499,154 @@ def train_config(args, name: str, device, epochs: int) -> TrainingConfig:
 def train_alone(name: str, model, adaptor: Callable, examples, collate: Callable, args,
                 device, epochs: int) -> None:
     """Supervised training on the labels (the model's own loss): the teacher, or a student
-    baseline."""
+    baseline. AdamW at ``args.lr`` with a linear decay to zero."""
     data = loader(examples, collate, args)
-    optimizer, scheduler = optimizer_and_schedule(model, args.lr, epochs * len(data))
-    with BasicTrainer(train_config(args, name, device, epochs), model, adaptor) as trainer:
-        trainer.train(optimizer, data, num_epochs=epochs, **scheduler)
+    optimizer, scheduler = common.optimizer_and_schedule(model, args.lr, epochs * len(data))
+    common.fit(BasicTrainer(train_config(args, name, device, epochs), model, adaptor),
+               optimizer, data, num_epochs=epochs, **scheduler)
+
+
+def distil(name: str, teacher, student, layers: int, adaptor: Callable, examples,
+           collate: Callable, args, device, batch_postprocessor: Optional[Callable] = None,
+           **config_options: Any) -> None:
+    """``GeneralDistiller``, TinyBERT-style, for ``args.epochs`` epochs: KD on the logits
+    (``ce`` at ``args.temperature``) + the hard labels + TinyBERT's layer mapping
+    (``tinybert_layer_mapping``: ``hidden_mse`` through a learned projection, embeddings
+    included, and ``attention_mse``); ``config_options`` go to the ``DistillationConfig``.
+    Both models are asked for their hidden states and attentions on every batch."""
+    matches = tinybert_layer_mapping(args.teacher_config["num_hidden_layers"], layers,
+                                     args.teacher_config["hidden_size"],
+                                     args.student_config["hidden_size"],
+                                     features=("hidden", "attention"))
+    config = DistillationConfig(temperature=args.temperature, kd_loss_type="ce",
+                                kd_loss_weight=1.0, hard_label_weight=1.0,
+                                intermediate_matches=matches, **config_options)
+    data = loader(examples, collate, args)
+    optimizer, scheduler = common.optimizer_and_schedule(student, args.lr,
+                                                         args.epochs * len(data))
+    distiller = GeneralDistiller(train_config(args, name, device, args.epochs), config,
+                                 model_T=teacher, model_S=student, adaptor_T=adaptor,
+                                 adaptor_S=adaptor)
+    common.fit(distiller, optimizer, data, num_epochs=args.epochs, **scheduler,
+               batch_postprocessor=batch_postprocessor, output_hidden_states=True,
+               output_attentions=True)
+
+
+# ------------------------------------------------------------------------ the BERTs
+# The text examples' architectures (vocab_size, num_labels and max_position_embeddings
+# are added at run time, the student's depth too: --student-layers).
+TEACHER_CONFIG = dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
+                      intermediate_size=128, hidden_dropout_prob=0.1,
+                      attention_probs_dropout_prob=0.1, type_vocab_size=1)
+STUDENT_CONFIG = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                      type_vocab_size=1)
+# --quick: the same shapes, scaled down so that the tests take seconds (4-layer teacher)
+QUICK_TEACHER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     intermediate_size=64)
+QUICK_STUDENT = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32)
+
+
+def parser(doc: str, output_dir: str, data_help: str, epochs: Tuple[int, int],
+           teacher_epochs: Tuple[int, int]) -> "common.ExampleParser":
+    """A text example's command line: ``--output-dir``, ``--quick``, ``--data`` (a directory
+    of real data, ``data_help``; default the offline stdlib task) and the ``(quick, full)``
+    ``--epochs`` of each student and ``--teacher-epochs``; the example adds its own
+    options, and :func:`parse_args` the common ones."""
+    result = common.ExampleParser(doc, output_dir, quick_help="a tiny run, for tests")
+    result.add_argument("--data", default=None, help=data_help)
+    result.add_quick_argument("--epochs", *epochs, "epochs of each student run")
+    result.add_quick_argument("--teacher-epochs", *teacher_epochs, "epochs of the teacher")
+    return result
+
+
+def parse_args(parser: "common.ExampleParser", argv, min_length: int,
+               **changes: Any) -> argparse.Namespace:
+    """Adds the text examples' common options (``--vocab-size``, ``--lr``, ``--batch-size``,
+    ``--temperature`` of KD, ``--seed`` of the initial weights and the data order,
+    ``--device``) and parses; sets the sizes (:func:`choose_sizes`, with ``changes``),
+    checks ``--student-layers`` (a comma-separated string becomes a list of depths) and
+    that ``--max-length`` is at least ``min_length``."""
+    parser.add_argument("--vocab-size", type=int, default=3000)
+    parser.add_training_options(lr=1e-3, temperature=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_device()
+    args = parser.parse_args(argv)
+    choose_sizes(args, **changes)
+    depths = student_depths(parser, args)
+    if isinstance(args.student_layers, str):
+        args.student_layers = depths
+    if args.max_length < min_length:
+        parser.error(f"--max-length must be at least {min_length}, got {args.max_length}")
+    return args
+
+
+def start(args) -> Tuple[float, torch.device]:
+    """The start of a run: the clock, every generator seeded with ``args.seed``, and the
+    device. Returns ``(time.perf_counter(), device)``."""
+    started = time.perf_counter()
+    seed_everything(args.seed)
+    return started, torch.device(args.device)
+
+
+def choose_sizes(args, **changes: Any) -> None:
+    """Sets ``args.teacher_config`` and ``args.student_config``: the configs above (scaled
+    down with ``--quick``), with ``changes`` (e.g. ``type_vocab_size=2``) to both."""
+    teacher, student = dict(TEACHER_CONFIG, **changes), dict(STUDENT_CONFIG, **changes)
+    if args.quick:
+        teacher, student = dict(teacher, **QUICK_TEACHER), dict(student, **QUICK_STUDENT)
+    args.teacher_config, args.student_config = teacher, student
+
+
+def student_depths(parser, args) -> List[int]:
+    """``--student-layers`` (``'2'`` or ``'3,4,6'``) as a list, each depth in 1..the
+    teacher's layers."""
+    try:
+        depths = [int(x) for x in str(args.student_layers).split(",")]
+    except ValueError:
+        parser.error(f"--student-layers must be comma-separated ints, got {args.student_layers!r}")
+    depth = args.teacher_config["num_hidden_layers"]
+    for layers in depths:
+        if not 1 <= layers <= depth:
+            parser.error(f"--student-layers: {layers} is not in 1..{depth} (the teacher's "
+                         f"layers)")
+    return depths
+
+
+def train_teacher(build: Callable, adaptor: Callable, setup: Dict[str, Any], examples,
+                  collate: Callable, args, device) -> torch.nn.Module:
+    """The teacher, ``build(args.teacher_config, 0, setup)`` with seed ``args.seed``,
+    trained alone for ``args.teacher_epochs``."""
+    torch.manual_seed(args.seed)
+    teacher = build(args.teacher_config, 0, setup).to(device)
+    print(f"teacher ({args.teacher_epochs} epochs)")
+    train_alone("teacher", teacher, adaptor, examples, collate, args, device,
+                args.teacher_epochs)
+    return teacher
+
+
+def initial_student(build: Callable, layers: int, setup: Dict[str, Any],
+                    args) -> torch.nn.Module:
+    """A ``layers``-layer student, its weights drawn with seed ``args.seed + layers``: each
+    run of that depth starts from a copy of them."""
+    torch.manual_seed(args.seed + layers)
+    return build(args.student_config, layers, setup)
+
+
+def alone_and_distilled(teacher, build: Callable, adaptor: Callable, layers: int,
+                        setup: Dict[str, Any], examples, collate: Callable, args,
+                        device) -> Tuple[torch.nn.Module, Dict[str, torch.nn.Module]]:
+    """The ``layers``-layer student trained alone and distilled (:func:`distil`) from the
+    same initial weights, ``args.epochs`` each. Returns the initial weights and
+    ``{'student_alone_L{layers}': ..., 'distilled_student_L{layers}': ...}``."""
+    initial = initial_student(build, layers, setup, args)
+    print(f"{layers}-layer student alone ({args.epochs} epochs)")
+    alone = copy.deepcopy(initial).to(device)
+    train_alone(f"student_alone_L{layers}", alone, adaptor, examples, collate, args, device,
+                args.epochs)
+    print(f"{layers}-layer student distilled ({args.epochs} epochs)")
+    distilled = copy.deepcopy(initial).to(device)
+    distil(f"distilled_student_L{layers}", teacher, distilled, layers, adaptor, examples,
+           collate, args, device)
+    return initial, {f"student_alone_L{layers}": alone,
+                     f"distilled_student_L{layers}": distilled}

@@ -25,186 +25,93 @@ Run:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import statistics
-import time
-from typing import Any, Dict, List
+import sys
+from typing import Any, Dict
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
 
-import textbrewer
-from textbrewer import BasicTrainer, DistillationConfig, GeneralDistiller, TrainingConfig
-from textbrewer.schemes import AdversarialDistiller
-from textbrewer.utils import count_parameters, seed_everything
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+
+from textbrewer import BasicTrainer, DistillationConfig, GeneralDistiller  # noqa: E402
+from textbrewer.schemes import AdversarialDistiller  # noqa: E402
+from textbrewer.utils import count_parameters, seed_everything  # noqa: E402
 
 
-class MLP(nn.Module):
-    """(B, 64) pixels -> {'logits': (B, 10)} (+ 'loss' with ``labels``)."""
-
-    def __init__(self, hidden: List[int], dropout: float = 0.1):
-        super().__init__()
-        layers, width = [], 64
-        for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
-            width = size
-        layers.append(nn.Linear(width, 10))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits, labels)
-        return out
-
-
-def adaptor(batch, outputs):
-    result = {"logits": outputs["logits"]}
-    if "loss" in outputs:
-        result["losses"] = [outputs["loss"]]
-    return result
-
-
-def load_data(seed: int):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    train_x, test_x, train_y, test_y = train_test_split(
-        x, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
-    train = [{"x": torch.from_numpy(a), "labels": torch.tensor(b)}
-             for a, b in zip(train_x, train_y)]
-    return train, (torch.from_numpy(test_x), torch.from_numpy(test_y))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, test) -> float:
-    was = model.training
-    model.eval()
-    correct = (model(test[0])["logits"].argmax(-1) == test[1]).float().mean().item()
-    model.train(was)
-    return correct
-
-
-def loader(train, batch_size: int, seed: int):
-    return torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed))
-
-
-def config(out: str, name: str, seed: int, epochs: int) -> TrainingConfig:
-    return TrainingConfig(device="cpu", output_dir=os.path.join(out, name), seed=seed,
-                          log_steps=100, ckpt_epoch_frequency=max(1, epochs // 3))
-
-
-def run_seed(seed: int, args) -> Dict[str, float]:
+def run_seed(args, seed: int) -> Dict[str, float]:
     seed_everything(seed)
-    train, test = load_data(seed)
-    out = os.path.join(args.output_dir, f"seed{seed}")
+    data = common.digits_data(seed, key="x", flat=True)
+    train, test = data["train"], common.stack(data["test"])
+    runs = common.SeedRuns(args, seed, log_steps=100,
+                           ckpt_epoch_frequency=max(1, args.epochs // 3))
     torch.manual_seed(seed)
-    teacher = MLP([256, 256])
-    trainer = BasicTrainer(config(out, "teacher", seed, args.teacher_epochs), teacher, adaptor)
-    with trainer:
-        trainer.train(torch.optim.Adam(teacher.parameters(), lr=1e-3),
-                      loader(train, args.batch_size, seed), num_epochs=args.teacher_epochs)
+    teacher = common.MLP([256, 256], dropout=0.1)
+    common.fit(BasicTrainer(runs.config("teacher",
+                                        ckpt_epoch_frequency=max(1, args.teacher_epochs // 3)),
+                            teacher, common.loss_adaptor),
+               torch.optim.Adam(teacher.parameters(), lr=1e-3), runs.loader(train),
+               num_epochs=args.teacher_epochs)
     teacher.eval()
 
     torch.manual_seed(seed + 1)
-    init = MLP([args.hidden])
+    init = common.MLP([args.hidden], dropout=0.1)
     alone, kd, adversarial = (copy.deepcopy(init) for _ in range(3))
-    trainer = BasicTrainer(config(out, "student_alone", seed, args.epochs), alone, adaptor)
-    with trainer:
-        trainer.train(torch.optim.Adam(alone.parameters(), lr=args.lr),
-                      loader(train, args.batch_size, seed), num_epochs=args.epochs)
+    common.fit(BasicTrainer(runs.config("student_alone"), alone, common.loss_adaptor),
+               torch.optim.Adam(alone.parameters(), lr=args.lr), runs.loader(train),
+               num_epochs=args.epochs)
 
     distill_config = DistillationConfig(kd_loss_type="kl", temperature=args.temperature,
                                         kd_loss_weight=1.0, hard_label_weight=1.0)
-    distiller = GeneralDistiller(config(out, "kd_student", seed, args.epochs), distill_config,
-                                 teacher, kd, adaptor, adaptor)
-    with distiller:
-        distiller.train(torch.optim.Adam(kd.parameters(), lr=args.lr),
-                        loader(train, args.batch_size, seed), num_epochs=args.epochs)
+    common.fit(GeneralDistiller(runs.config("kd_student"), distill_config, teacher, kd,
+                                common.loss_adaptor, common.loss_adaptor),
+               torch.optim.Adam(kd.parameters(), lr=args.lr), runs.loader(train),
+               num_epochs=args.epochs)
 
     torch.manual_seed(seed + 2)
     distiller = AdversarialDistiller(
-        config(out, "adversarial_student", seed, args.epochs), distill_config, teacher,
-        adversarial, adaptor, adaptor, adversarial_weight=args.adversarial_weight,
+        runs.config("adversarial_student"), distill_config, teacher, adversarial,
+        common.loss_adaptor, common.loss_adaptor, adversarial_weight=args.adversarial_weight,
         feature="logits", temperature=1.0, input_dim=10, hidden_size=64,
         discriminator_lr=args.discriminator_lr)
-    with distiller:
-        distiller.train(torch.optim.Adam(adversarial.parameters(), lr=args.lr),
-                        loader(train, args.batch_size, seed), num_epochs=args.epochs)
-    return {"teacher": accuracy(teacher, test), "student_alone": accuracy(alone, test),
-            "kd_student": accuracy(kd, test),
-            "adversarial_student": accuracy(adversarial, test)}
+    common.fit(distiller, torch.optim.Adam(adversarial.parameters(), lr=args.lr),
+               runs.loader(train), num_epochs=args.epochs)
+    return {"teacher": common.accuracy(teacher, test, "x"),
+            "student_alone": common.accuracy(alone, test, "x"),
+            "kd_student": common.accuracy(kd, test, "x"),
+            "adversarial_student": common.accuracy(adversarial, test, "x")}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_adversarial")
-    parser.add_argument("--quick", action="store_true", help="one seed, a few epochs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="default 0 1 2 (0 with --quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="default 20 (2 with --quick)")
-    parser.add_argument("--teacher-epochs", type=int, default=None,
-                        help="default 20 (3 with --quick)")
+    parser = common.ExampleParser(__doc__, "./output_adversarial",
+                                  quick_help="one seed, a few epochs")
+    parser.add_seeds()
+    parser.add_quick_argument("--epochs", 2, 20, "epochs of each student")
+    parser.add_quick_argument("--teacher-epochs", 3, 20)
     parser.add_argument("--hidden", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--adversarial-weight", type=float, default=0.1)
     parser.add_argument("--discriminator-lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    args.epochs = args.epochs if args.epochs is not None else (2 if args.quick else 20)
-    if args.teacher_epochs is None:
-        args.teacher_epochs = 3 if args.quick else 20
-    return args
-
-
-def summarise(per_seed: List[Dict[str, float]]) -> Dict[str, Dict[str, Any]]:
-    models = {}
-    for name in per_seed[0]:
-        values = [row[name] for row in per_seed]
-        models[name] = {"accuracy": statistics.mean(values),
-                        "std": statistics.pstdev(values), "per_seed": values}
-    return models
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest (and avoids oversubscription)
-    per_seed = []
-    for seed in args.seeds:
-        row = run_seed(seed, args)
-        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
-        per_seed.append(row)
-    models = summarise(per_seed)
-    models["teacher"]["parameters"] = count_parameters(MLP([256, 256]))
+    started = common.start(threads=1)
+    models = common.summarise(common.run_seeds(args, run_seed), population=True)
+    models["teacher"]["parameters"] = count_parameters(common.MLP([256, 256], dropout=0.1))
     for name in ("student_alone", "kd_student", "adversarial_student"):
-        models[name]["parameters"] = count_parameters(MLP([args.hidden]))
-    print(f"\n{'model':<22}test accuracy, mean ± std over seeds {args.seeds}")
-    for name, row in models.items():
-        print(f"{name:<22}{row['accuracy']:.4f} ± {row['std']:.4f}")
+        models[name]["parameters"] = count_parameters(common.MLP([args.hidden], dropout=0.1))
+    common.print_accuracies(models, f"\n{'model':<22}test accuracy, mean ± std over seeds "
+                                    f"{args.seeds}", 22)
     results = {"models": models, "scheme": "adversarial",
-               "run": {"seeds": args.seeds, "epochs": args.epochs,
-                       "teacher_epochs": args.teacher_epochs, "lr": args.lr,
-                       "temperature": args.temperature, "hidden": args.hidden,
-                       "adversarial_weight": args.adversarial_weight,
-                       "discriminator_lr": args.discriminator_lr,
-                       "batch_size": args.batch_size, "quick": args.quick,
-                       "textbrewer": textbrewer.__version__,
-                       "seconds": round(time.perf_counter() - started, 1)}}
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+               "run": common.run_record(args, started, [
+                   "seeds", "epochs", "teacher_epochs", "lr", "temperature", "hidden",
+                   "adversarial_weight", "discriminator_lr", "batch_size", "quick"])}
+    path = common.write_results(args.output_dir, results)
     print(f"{results['run']['seconds']:.0f} s; wrote {path}")
     return results
 

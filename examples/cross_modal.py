@@ -29,52 +29,27 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import logging
 import os
-import statistics
-import time
-from typing import Any, Dict, List, Optional
+import sys
+from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
-import textbrewer
-from textbrewer import BasicDistiller, BasicTrainer, DistillationConfig, TrainingConfig
-from textbrewer.schemes import TwoViewCollate, row_column_profiles
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+
+from textbrewer import BasicDistiller, BasicTrainer, DistillationConfig  # noqa: E402
+from textbrewer.schemes import TwoViewCollate, row_column_profiles  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- data
-def load_data(seed: int, train_size: Optional[int]) -> Dict[str, List[Dict[str, torch.Tensor]]]:
-    """Examples ``{'image': (8, 8) float in [0, 1], 'labels': () long}``: ``teacher_train``
-    (the whole training split), ``train`` (its first ``train_size``), ``test``."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
-    examples = lambda xs, ys: [{"image": torch.from_numpy(x), "labels": torch.tensor(int(y))}
-                               for x, y in zip(xs, ys)]
-    teacher_train = examples(train_x, train_y)
-    return {"teacher_train": teacher_train, "train": teacher_train[:train_size or None],
-            "test": examples(test_x, test_y)}
-
-
 def image_view(example):
     return {"image": example["image"], "labels": example["labels"]}
 
 
 def profile_view(example):
     return {"profiles": row_column_profiles(example["image"]), "labels": example["labels"]}
-
-
-def loader(examples, batch_size: int, seed: int, collate=None) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed),
-                                       collate_fn=collate)
 
 
 # ---------------------------------------------------------------------------------- models
@@ -92,109 +67,65 @@ class MLP(nn.Module):
         return {"logits": self.net(inputs[self.key].flatten(1))}
 
 
-def adaptor(batch, outputs):
-    return {"logits": outputs["logits"], "labels": batch["labels"],
-            "losses": F.cross_entropy(outputs["logits"], batch["labels"])}
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, examples, view) -> float:
-    was_training = model.training
-    model.eval()
-    batch = torch.utils.data.default_collate([view(e) for e in examples])
-    score = (model(**batch)["logits"].argmax(-1) == batch["labels"]).float().mean().item()
-    model.train(was_training)
-    return score
-
-
 # ---------------------------------------------------------------------------------- runs
 def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, float]:
-    data = load_data(seed, args.train_size)
-
-    def config(name: str) -> TrainingConfig:
-        return TrainingConfig(device="cpu", output_dir=os.path.join(args.output_dir,
-                                                                    f"seed{seed}", name),
-                              seed=seed, log_steps=1000)
-
-    def train(model, trainer, steps, dataloader) -> None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-        with trainer:
-            trainer.train(optimizer, dataloader, num_steps=steps)
+    """Examples ``{'image': (8, 8), 'labels': ()}``, seen by each model through its view:
+    the teacher on the whole training split, the students on its first ``--train-size``."""
+    data = common.digits_data(seed, train_size=args.train_size)
+    images = common.stack([image_view(e) for e in data["test"]])
+    profiles = common.stack([profile_view(e) for e in data["test"]])
+    runs = common.SeedRuns(args, seed, log_steps=1000)
+    adaptor = common.labels_adaptor
 
     torch.manual_seed(seed)
     teacher = MLP(64, 256, "image", dropout=0.1)
-    train(teacher, BasicTrainer(config("teacher"), teacher, adaptor), args.teacher_steps,
-          loader([image_view(e) for e in data["teacher_train"]], args.batch_size, seed))
+    runs.train_steps(BasicTrainer(runs.config("teacher"), teacher, adaptor), teacher,
+                     runs.loader([image_view(e) for e in data["teacher_train"]]),
+                     args.teacher_steps)
     torch.manual_seed(seed + 1)
     initial = MLP(16, 128, "profiles")
 
     alone = copy.deepcopy(initial)
-    train(alone, BasicTrainer(config("student_alone"), alone, adaptor), args.steps,
-          loader([profile_view(e) for e in data["train"]], args.batch_size, seed))
+    runs.train_steps(BasicTrainer(runs.config("student_alone"), alone, adaptor), alone,
+                     runs.loader([profile_view(e) for e in data["train"]]), args.steps)
 
     distilled = copy.deepcopy(initial)
     two_views = TwoViewCollate(teacher_view=image_view, student_view=profile_view)
-    distiller = BasicDistiller(config("cross_modal_distilled"), DistillationConfig(
+    distiller = BasicDistiller(runs.config("cross_modal_distilled"), DistillationConfig(
         kd_loss_type="kl", temperature=args.temperature, kd_loss_weight=1.0,
         hard_label_weight=1.0), teacher, distilled, adaptor, adaptor)
-    train(distilled, distiller, args.steps,
-          loader(data["train"], args.batch_size, seed, collate=two_views))
-    return {"teacher": accuracy(teacher, data["test"], image_view),
-            "student_alone": accuracy(alone, data["test"], profile_view),
-            "cross_modal_distilled": accuracy(distilled, data["test"], profile_view)}
+    runs.train_steps(distiller, distilled, runs.loader(data["train"], collate_fn=two_views),
+                     args.steps)
+    return {"teacher": common.accuracy(teacher, images, "image"),
+            "student_alone": common.accuracy(alone, profiles, "profiles"),
+            "cross_modal_distilled": common.accuracy(distilled, profiles, "profiles")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_cross_modal")
-    parser.add_argument("--quick", action="store_true", help="one seed, few steps (tests)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="default 0 1 2 (0 with --quick)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps of each student (default 600; 60 with --quick)")
-    parser.add_argument("--teacher-steps", type=int, default=None,
-                        help="default 600 (150 with --quick)")
-    parser.add_argument("--train-size", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.steps = args.steps or (60 if args.quick else 600)
-    args.teacher_steps = args.teacher_steps or (150 if args.quick else 600)
-    return args
+    parser = common.ExampleParser(__doc__, "./output_cross_modal",
+                                  quick_help="one seed, few steps (tests)")
+    parser.add_seeds()
+    parser.add_quick_argument("--steps", 60, 600, "optimizer steps of each student")
+    parser.add_quick_argument("--teacher-steps", 150, 600, "optimizer steps of the teacher")
+    parser.add_argument("--train-size", type=int, default=300,
+                        help="training images the students see")
+    parser.add_training_options(lr=3e-3, temperature=4.0)
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(1)  # tiny models: one thread is fastest
-    logging.getLogger("textbrewer").setLevel(logging.WARNING)  # the table, not the steps
-    started = time.perf_counter()
-    runs = []
-    for seed in args.seeds:
-        runs.append(run_seed(args, seed))
-        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in runs[-1].items()),
-              flush=True)
-    results: Dict[str, Any] = {"models": {}}
-    for name in runs[0]:
-        values = [run[name] for run in runs]
-        results["models"][name] = {"accuracy": statistics.fmean(values),
-                                   "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                                   "per_seed": values,
-                                   "inputs": "image (64)" if name == "teacher"
-                                   else "row/column profiles (16)"}
-    results["run"] = {k: v for k, v in vars(args).items() if k != "output_dir"}
-    results["run"].update(textbrewer=textbrewer.__version__,
-                          seconds=round(time.perf_counter() - started, 1))
+    started = common.start(threads=1, quiet=True)  # the table, not the steps
+    results: Dict[str, Any] = {"models": common.summarise(common.run_seeds(args, run_seed))}
+    for name, row in results["models"].items():
+        row["inputs"] = "image (64)" if name == "teacher" else "row/column profiles (16)"
+    results["run"] = common.run_record(args, started)
     print(f"\ntest accuracy, mean ± std over seeds {args.seeds} ({args.train_size} training "
           f"images for the students, {args.steps} steps each)")
     print(f"{'model':<24}{'inputs':>26}{'accuracy':>20}")
     for name, row in results["models"].items():
-        print(f"{name:<24}{row['inputs']:>26}{row['accuracy']:>11.4f} ± {row['std']:.4f}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+        print(f"{name:<24}{row['inputs']:>26}{common.pm(row['accuracy'], row['std'], 11)}")
+    path = common.write_results(args.output_dir, results)
     print(f"wrote {path} ({results['run']['seconds']:.0f} s)")
     return results
 

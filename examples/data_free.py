@@ -28,119 +28,56 @@ Run:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import statistics
-import time
-from typing import Any, Dict, List
+import sys
+from typing import Any, Dict
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
 
-import textbrewer
-from textbrewer import BasicDistiller, BasicTrainer, DistillationConfig, TrainingConfig
-from textbrewer.schemes import (DFADDistiller, MLPGenerator, NoiseBatches,
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+
+from textbrewer import BasicDistiller, BasicTrainer, DistillationConfig  # noqa: E402
+from textbrewer.schemes import (DFADDistiller, MLPGenerator, NoiseBatches,  # noqa: E402
                                 synthesize_deep_inversion)
-from textbrewer.utils import count_parameters, seed_everything
+from textbrewer.utils import count_parameters, seed_everything  # noqa: E402
 
 
-class MLP(nn.Module):
-    """(B, 64) pixels -> {'logits': (B, 10)} (+ 'loss' with ``labels``)."""
-
-    def __init__(self, hidden: List[int], batch_norm: bool = False):
-        super().__init__()
-        layers, width = [], 64
-        for size in hidden:
-            layers += [nn.Linear(width, size)]
-            layers += [nn.BatchNorm1d(size)] if batch_norm else []
-            layers += [nn.ReLU()]
-            width = size
-        layers.append(nn.Linear(width, 10))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits, labels)
-        return out
-
-
-def adaptor(batch, outputs):
-    result = {"logits": outputs["logits"]}
-    if "loss" in outputs:
-        result["losses"] = [outputs["loss"]]
-    return result
-
-
-def load_data(seed: int):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    train_x, test_x, train_y, test_y = train_test_split(
-        x, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
-    train = [{"x": torch.from_numpy(a), "labels": torch.tensor(b)}
-             for a, b in zip(train_x, train_y)]
-    return train, (torch.from_numpy(test_x), torch.from_numpy(test_y))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, test) -> float:
-    was = model.training
-    model.eval()
-    correct = (model(test[0])["logits"].argmax(-1) == test[1]).float().mean().item()
-    model.train(was)
-    return correct
-
-
-def config(out: str, name: str, seed: int) -> TrainingConfig:
-    return TrainingConfig(device="cpu", output_dir=os.path.join(out, name), seed=seed,
-                          log_steps=200)
-
-
-def run_seed(seed: int, args) -> Dict[str, float]:
+def run_seed(args, seed: int) -> Dict[str, float]:
     seed_everything(seed)
-    train, test = load_data(seed)
-    out = os.path.join(args.output_dir, f"seed{seed}")
+    data = common.digits_data(seed, key="x", flat=True)
+    test = common.stack(data["test"])
+    runs = common.SeedRuns(args, seed, log_steps=200)
     batch = 64
-    real = torch.utils.data.DataLoader(train, batch_size=batch, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed))
+    real = common.shuffled(data["train"], batch, seed)
     torch.manual_seed(seed)
-    teacher = MLP([256, 256], batch_norm=True)
-    trainer = BasicTrainer(config(out, "teacher", seed), teacher, adaptor)
-    with trainer:
-        trainer.train(torch.optim.Adam(teacher.parameters(), lr=1e-3), real,
-                      num_steps=args.teacher_steps)
+    teacher = common.MLP([256, 256], batch_norm=True)
+    common.fit(BasicTrainer(runs.config("teacher"), teacher, common.loss_adaptor),
+               torch.optim.Adam(teacher.parameters(), lr=1e-3), real,
+               num_steps=args.teacher_steps)
     teacher.eval()
 
     torch.manual_seed(seed + 1)
-    init = MLP([args.hidden])
+    init = common.MLP([args.hidden])
     alone, noise_kd, dfad, inverted = (copy.deepcopy(init) for _ in range(4))
-    trainer = BasicTrainer(config(out, "student_alone", seed), alone, adaptor)
-    with trainer:
-        trainer.train(torch.optim.Adam(alone.parameters(), lr=args.lr), real,
-                      num_steps=args.steps)
+    common.fit(BasicTrainer(runs.config("student_alone"), alone, common.loss_adaptor),
+               torch.optim.Adam(alone.parameters(), lr=args.lr), real, num_steps=args.steps)
 
     kd_config = DistillationConfig(kd_loss_type="kl", temperature=4.0, hard_label_weight=0)
     # 3. KD on uniform noise images: NoiseBatches' normal draws through the normal CDF
     noise = NoiseBatches(batch, 64, num_batches=1, seed=seed)
-    distiller = BasicDistiller(config(out, "noise_kd_student", seed), kd_config, teacher,
-                               noise_kd, adaptor, adaptor)
-    with distiller:
-        distiller.train(torch.optim.Adam(noise_kd.parameters(), lr=args.lr), noise,
-                        num_steps=args.steps,
-                        batch_postprocessor=lambda z: (0.5 * (1 + torch.erf(z / 2 ** 0.5)),))
+    common.fit(BasicDistiller(runs.config("noise_kd_student"), kd_config, teacher, noise_kd,
+                              common.loss_adaptor, common.loss_adaptor),
+               torch.optim.Adam(noise_kd.parameters(), lr=args.lr), noise,
+               num_steps=args.steps,
+               batch_postprocessor=lambda z: (0.5 * (1 + torch.erf(z / 2 ** 0.5)),))
 
     # 4. DFAD
     torch.manual_seed(seed + 2)
     generator = MLPGenerator(noise_dim=32, output_shape=64, hidden_size=128,
                              output_activation="sigmoid")
-    distiller = DFADDistiller(config(out, "dfad_student", seed), kd_config, teacher, dfad,
+    distiller = DFADDistiller(runs.config("dfad_student"), kd_config, teacher, dfad,
                               generator=generator, noise_shape=32, batch_size=batch,
                               generator_lr=args.generator_lr)
     with distiller:
@@ -149,77 +86,44 @@ def run_seed(seed: int, args) -> Dict[str, float]:
     # 5. DeepInversion, then KD on the synthesised images
     images, _ = synthesize_deep_inversion(
         teacher, 64, num_classes=10, num_batches=args.di_batches, batch_size=batch,
-        iterations=args.di_iterations, output_dir=os.path.join(out, "deepinversion"),
-        lr=0.05, seed=seed, init=lambda shape, g: torch.rand(shape, generator=g),
-        bn_weight=1.0, ce_weight=1.0, tv_weight=0.05, l2_weight=0.01, image_shape=(8, 8))
-    synthetic = torch.utils.data.DataLoader(
-        [(image,) for image in images.clamp(0, 1)], batch_size=batch, shuffle=True,
-        generator=torch.Generator().manual_seed(seed))
-    distiller = BasicDistiller(config(out, "deepinversion_student", seed), kd_config,
-                               teacher, inverted, adaptor, adaptor)
-    with distiller:
-        distiller.train(torch.optim.Adam(inverted.parameters(), lr=args.lr), synthetic,
-                        num_steps=args.steps)
-    return {"teacher": accuracy(teacher, test), "student_alone": accuracy(alone, test),
-            "noise_kd_student": accuracy(noise_kd, test), "dfad_student": accuracy(dfad, test),
-            "deepinversion_student": accuracy(inverted, test)}
+        iterations=args.di_iterations, output_dir=runs.output_dir("deepinversion"), lr=0.05,
+        seed=seed, init=lambda shape, g: torch.rand(shape, generator=g), bn_weight=1.0,
+        ce_weight=1.0, tv_weight=0.05, l2_weight=0.01, image_shape=(8, 8))
+    synthetic = common.shuffled([(image,) for image in images.clamp(0, 1)], batch, seed)
+    common.fit(BasicDistiller(runs.config("deepinversion_student"), kd_config, teacher,
+                              inverted, common.loss_adaptor, common.loss_adaptor),
+               torch.optim.Adam(inverted.parameters(), lr=args.lr), synthetic,
+               num_steps=args.steps)
+    return {name: common.accuracy(model, test, "x") for name, model in (
+        ("teacher", teacher), ("student_alone", alone), ("noise_kd_student", noise_kd),
+        ("dfad_student", dfad), ("deepinversion_student", inverted))}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_data_free")
-    parser.add_argument("--quick", action="store_true", help="one seed, small")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="default 0 1 2 (0 with --quick)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps of every student (default 1500; 150 with --quick)")
-    parser.add_argument("--teacher-steps", type=int, default=None,
-                        help="default 800 (300 with --quick)")
-    parser.add_argument("--di-batches", type=int, default=None,
-                        help="DeepInversion batches of 64 images (default 16; 4 with --quick)")
-    parser.add_argument("--di-iterations", type=int, default=None,
-                        help="Adam steps per DeepInversion batch (default 200; 60 with --quick)")
+    parser = common.ExampleParser(__doc__, "./output_data_free", quick_help="one seed, small")
+    parser.add_seeds()
+    parser.add_quick_argument("--steps", 150, 1500, "optimizer steps of every student")
+    parser.add_quick_argument("--teacher-steps", 300, 800)
+    parser.add_quick_argument("--di-batches", 4, 16, "DeepInversion batches of 64 images")
+    parser.add_quick_argument("--di-iterations", 60, 200, "Adam steps per DeepInversion batch")
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--generator-lr", type=float, default=1e-3)
-    args = parser.parse_args(argv)
-    quick = args.quick
-    args.seeds = args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2])
-    defaults = {"steps": (150, 1500), "teacher_steps": (300, 800), "di_batches": (4, 16),
-                "di_iterations": (60, 200)}
-    for name, (small, full) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, small if quick else full)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest (and avoids oversubscription)
-    per_seed = []
-    for seed in args.seeds:
-        row = run_seed(seed, args)
-        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
-        per_seed.append(row)
-    models = {}
-    for name in per_seed[0]:
-        values = [row[name] for row in per_seed]
-        models[name] = {"accuracy": statistics.mean(values), "std": statistics.pstdev(values),
-                        "per_seed": values,
-                        "parameters": count_parameters(MLP([256, 256], True) if name == "teacher"
-                                                       else MLP([args.hidden]))}
-    print(f"\n{'model':<24}test accuracy, mean ± std over seeds {args.seeds}")
+    started = common.start(threads=1)
+    models = common.summarise(common.run_seeds(args, run_seed), population=True)
     for name, row in models.items():
-        print(f"{name:<24}{row['accuracy']:.4f} ± {row['std']:.4f}")
+        row["parameters"] = count_parameters(common.MLP([256, 256], batch_norm=True)
+                                             if name == "teacher" else common.MLP([args.hidden]))
+    common.print_accuracies(models, f"\n{'model':<24}test accuracy, mean ± std over seeds "
+                                    f"{args.seeds}", 24)
     results = {"models": models, "scheme": "data_free",
-               "run": {**{k: v for k, v in vars(args).items() if k != "output_dir"},
-                       "textbrewer": textbrewer.__version__,
-                       "seconds": round(time.perf_counter() - started, 1)}}
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+               "run": common.run_record(args, started)}
+    path = common.write_results(args.output_dir, results)
     print(f"{results['run']['seconds']:.0f} s; wrote {path}")
     return results
 

@@ -58,27 +58,27 @@ import copy
 import importlib
 import inspect
 import io
-import json
 import math
 import os
 import pkgutil
-import statistics
 import sys
 import sysconfig
 import time
 import warnings
-import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-import textbrewer
-from textbrewer import (CausalLMDistiller, DistillationConfig, LMDistillationConfig,
-                        TrainingConfig)
-from textbrewer.cache import (CachedTeacherCollator, IndexedDataset, TeacherCache,
-                              write_teacher_cache)
-from textbrewer.losses.token import DIVERGENCES
-from textbrewer.utils import count_parameters
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+import _text_data as data_lib  # noqa: E402  (the text examples' helpers: split_of)
+
+from textbrewer import (CausalLMDistiller, DistillationConfig,  # noqa: E402
+                        LMDistillationConfig, TrainingConfig)
+from textbrewer.cache import (CachedTeacherCollator, IndexedDataset,  # noqa: E402
+                              TeacherCache, write_teacher_cache)
+from textbrewer.losses.token import DIVERGENCES  # noqa: E402
+from textbrewer.utils import count_parameters  # noqa: E402
 
 try:
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -168,19 +168,14 @@ def stdlib_docstrings() -> Dict[str, List[str]]:
     return documents
 
 
-def split_of(package: str) -> str:
-    """A package's split, from a CRC-32 of its name: 80 % train, 10 % validation, 10 % test."""
-    bucket = zlib.crc32(package.encode("utf-8")) % 10
-    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
-
-
 def load_data(sequence_length: int) -> Dict[str, Any]:
     """Per split, a (blocks, sequence_length) tensor of byte ids, and counts."""
     streams: Dict[str, List[int]] = {"train": [], "validation": [], "test": []}
     packages: Dict[str, List[str]] = {"train": [], "validation": [], "test": []}
     docstrings = collections.Counter()
     for package, texts in sorted(stdlib_docstrings().items()):
-        split = split_of(package)
+        # the package's split, by a CRC-32 of its name: 80 % train, 10 % validation, 10 % test
+        split = data_lib.split_of(package)
         packages[split].append(package)
         docstrings[split] += len(texts)
         for text in texts:
@@ -201,25 +196,22 @@ def train_loader(blocks: torch.Tensor, batch_size: int, seed: int,
     examples = [{"input_ids": row} for row in blocks]
     if indexed:  # examples that carry their index, for the teacher cache's collator
         examples = IndexedDataset(examples)
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed),
-                                       collate_fn=collate_fn, drop_last=True)
+    return common.shuffled(examples, batch_size, seed, collate_fn, drop_last=True)
 
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, blocks: torch.Tensor, device: torch.device,
                batch_size: int = 64) -> float:
     """exp(mean next-byte cross-entropy) over every predicted position of ``blocks``."""
-    was_training = model.training
-    model.eval()
     loss_sum, count = 0.0, 0
-    for start in range(0, blocks.size(0), batch_size):
-        ids = blocks[start:start + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()  # position t predicts t + 1
-        loss_sum += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    model.train(was_training)
+    with common.evaluating(model):
+        for start in range(0, blocks.size(0), batch_size):
+            ids = blocks[start:start + batch_size].to(device)
+            logits = model(input_ids=ids).logits[:, :-1].float()  # position t predicts t + 1
+            loss_sum += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                reduction="sum").item()
+            count += ids[:, 1:].numel()
     return math.exp(loss_sum / max(count, 1))
 
 
@@ -227,17 +219,15 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, device: torch.devic
 def inference_seconds(model: torch.nn.Module, blocks: torch.Tensor, device: torch.device,
                       batch_size: int = 64, repeats: int = 3) -> float:
     """Best of ``repeats`` timings of a forward pass over ``blocks`` (eval mode)."""
-    was_training = model.training
-    model.eval()
     best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for start in range(0, blocks.size(0), batch_size):
-            model(input_ids=blocks[start:start + batch_size].to(device))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    model.train(was_training)
+    with common.evaluating(model):
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for start in range(0, blocks.size(0), batch_size):
+                model(input_ids=blocks[start:start + batch_size].to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - started)
     return best
 
 
@@ -286,8 +276,7 @@ def train(model, loader, args, device, steps: int, lr: float, seed: int, output_
     optimizer, schedule = optimizer_and_schedule(model, lr, steps)
     distiller = CausalLMDistiller(train_config(output_dir, device, steps, seed), distill_config,
                                   model_T=teacher, model_S=model, lm_config=lm_config)
-    with distiller:
-        distiller.train(optimizer, loader, num_steps=steps, max_grad_norm=1.0, **schedule)
+    common.fit(distiller, optimizer, loader, num_steps=steps, max_grad_norm=1.0, **schedule)
 
 
 def write_cache(teacher, data, args, device) -> Tuple[TeacherCache, float]:
@@ -302,19 +291,14 @@ def write_cache(teacher, data, args, device) -> Tuple[TeacherCache, float]:
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_lm",
-                        help="checkpoints (gs*.pkl), the teacher cache and results.json go here")
-    parser.add_argument("--quick", action="store_true",
-                        help="a much smaller run, for tests (seconds)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps of each student run, alone and distilled: the "
-                             "same budget for both (default 250; 10 with --quick)")
-    parser.add_argument("--teacher-steps", type=int, default=None,
-                        help="optimizer steps of the teacher (default 500; 20 with --quick)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="student seeds (initial weights, data order); default 0 1 2 "
-                             "(0 with --quick)")
+    parser = common.ExampleParser(__doc__, "./output_lm",
+                                  quick_help="a much smaller run, for tests (seconds)",
+                                  output_help="checkpoints (gs*.pkl), the teacher cache and "
+                                              "results.json go here")
+    parser.add_quick_argument("--steps", 10, 250, "optimizer steps of each student run, alone "
+                              "and distilled: the same budget for both")
+    parser.add_quick_argument("--teacher-steps", 20, 500, "optimizer steps of the teacher")
+    parser.add_seeds(help="student seeds (initial weights, data order)")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="the split the table scores: choose settings on 'validation'")
     parser.add_argument("--divergences", nargs="+", default=["forward_kl"],
@@ -332,40 +316,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-tail", choices=("renormalize", "uniform"), default="uniform",
                         help="what the cached top-k does with the rest of the probability")
     parser.add_argument("--sequence-length", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3, help="students' learning rate")
+    parser.add_training_options(lr=3e-3, batch_size=16, lr_help="students' learning rate")
     parser.add_argument("--teacher-lr", type=float, default=2e-3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a busy machine extra threads "
-                             "wait on each other; on an idle one, 2 is faster)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_threads("torch CPU threads (default 1: on a busy machine extra threads wait on "
+                       "each other; on an idle one, 2 is faster)")
+    parser.add_device()
+    parser.require_positive("cache_k", "batch_size")
     args = parser.parse_args(argv)
-    if args.steps is None:
-        args.steps = 10 if args.quick else 250
-    if args.teacher_steps is None:
-        args.teacher_steps = 20 if args.quick else 500
-    if args.seeds is None:
-        args.seeds = [0] if args.quick else [0, 1, 2]
-    for name in ("steps", "teacher_steps", "threads", "cache_k", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.sequence_length < 2:
         parser.error("--sequence-length must be at least 2 (a byte and the next one)")
-    if any(seed < 0 for seed in args.seeds):
-        parser.error("--seeds must be non-negative")
     return args
-
-
-def summarise(values: List[float]) -> Tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    torch.set_num_threads(args.threads)
-    textbrewer.logs.set_verbosity("warning")  # keep the console to the table
+    cpu_started = time.process_time()
+    started = common.start(args.threads, quiet=True)  # keep the console to the table
     device = torch.device(args.device)
     data = load_data(args.sequence_length)
     blocks = data["blocks"]
@@ -430,7 +396,7 @@ def main(argv=None) -> Dict[str, Any]:
     results: Dict[str, Any] = {"models": {}}
     for name in ["teacher"] + methods:
         model = teacher if name == "teacher" else students[name]
-        mean, std = summarise(scores[name])
+        mean, std = common.mean_std(scores[name])
         results["models"][name] = {
             "perplexity": mean, "perplexity_std": std, "per_seed": scores[name],
             "parameters": count_parameters(model),
@@ -440,7 +406,8 @@ def main(argv=None) -> Dict[str, Any]:
     results["speedup"] = teacher_seconds / student_seconds
     results["size_ratio"] = (results["models"]["teacher"]["parameters"]
                              / results["models"]["student_alone"]["parameters"])
-    wins = sum(d < a for d, a in zip(scores["distilled_student"], scores["student_alone"]))
+    wins = common.better_tied_worse(scores["distilled_student"], scores["student_alone"],
+                                    higher_is_better=False)[0]
     results["distilled_better_on_seeds"] = wins
     results["configs"] = {
         "teacher": dict(TEACHER_CONFIG, n_positions=args.sequence_length),
@@ -457,15 +424,11 @@ def main(argv=None) -> Dict[str, Any]:
                             "tokens": cache.num_tokens,
                             "bytes_per_token": cache.bytes_per_token,
                             "write_seconds": round(cache_seconds, 1)}
-    results["run"] = {"steps": args.steps, "teacher_steps": args.teacher_steps,
-                      "seeds": args.seeds, "divergences": args.divergences,
-                      "temperature": args.temperature, "beta": args.beta,
-                      "hard_label_weight": args.hard_label_weight, "lr": args.lr,
-                      "teacher_lr": args.teacher_lr, "batch_size": args.batch_size,
-                      "threads": args.threads, "quick": args.quick, "device": str(device),
-                      "textbrewer": textbrewer.__version__,
-                      "seconds": round(time.perf_counter() - started, 1),
-                      "cpu_seconds": round(time.process_time() - cpu_started, 1)}
+    results["run"] = common.run_record(args, started, [
+        "steps", "teacher_steps", "seeds", "divergences", "temperature", "beta",
+        "hard_label_weight", "lr", "teacher_lr", "batch_size", "threads", "quick"],
+        settings={"device": str(device)})
+    results["run"]["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
 
     print()
     seeds = (f"mean ± std over seeds {args.seeds}" if len(args.seeds) > 1
@@ -474,18 +437,14 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"{'model':<26}{'perplexity':>18}{'parameters':>13}{'speed-up':>10}")
     for name, row in results["models"].items():
         speedup = teacher_seconds / row["inference_seconds"]
-        print(f"{name:<26}{row['perplexity']:>10.3f} ± {row['perplexity_std']:.3f}"
+        print(f"{name:<26}{common.pm(row['perplexity'], row['perplexity_std'], 10, 3)}"
               f"{row['parameters']:>13,d}{speedup:>9.2f}x")
     change = (results["models"]["distilled_student"]["perplexity"]
               - results["models"]["student_alone"]["perplexity"])
     print(f"the student is {results['size_ratio']:.1f}x smaller and {results['speedup']:.1f}x "
           f"faster than the teacher; distillation changed its perplexity by {change:+.3f} "
           f"(better on {wins} of {len(args.seeds)} seeds); {results['run']['seconds']:.0f} s")
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {path}")
+    print(f"wrote {common.write_results(args.output_dir, results)}")
     return results
 
 

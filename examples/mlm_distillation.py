@@ -46,25 +46,25 @@ Run:
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import copy
-import json
 import math
 import os
-import re
-import statistics
-import sysconfig
+import sys
 import time
-import zlib
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-import textbrewer
-from textbrewer import BasicTrainer, GeneralDistiller, TrainingConfig
-from textbrewer.recipes import distilbert_recipe, init_student_from_teacher, mlm_adaptor
-from textbrewer.utils import count_parameters
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+import _text_data as data_lib  # noqa: E402  (the text examples' data helpers)
+from _text_data import CLS, MASK, PAD, SEP, SPECIALS  # noqa: E402
+
+from textbrewer import BasicTrainer, GeneralDistiller, TrainingConfig  # noqa: E402
+from textbrewer.recipes import (distilbert_recipe, init_student_from_teacher,  # noqa: E402
+                                mlm_adaptor)
+from textbrewer.utils import count_parameters  # noqa: E402
 
 try:
     from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
@@ -72,9 +72,7 @@ except ImportError:  # pragma: no cover
     raise SystemExit("this example needs transformers: pip install -e '.[transformers]'")
 
 SEQUENCE_LENGTH = 64
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
-FIRST_WORD = len(SPECIALS)
+FIRST_WORD = len(SPECIALS)  # the ids below are [PAD] [UNK] [CLS] [SEP] [MASK]
 IGNORE = -100
 EVAL_MASK_SEED = 1234
 # The two architectures (vocab_size is added at run time). The tests rebuild the models
@@ -86,47 +84,9 @@ TEACHER_CONFIG = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4
 STUDENT_CONFIG = dict(dim=64, n_layers=2, n_heads=4, hidden_dim=256,
                       max_position_embeddings=SEQUENCE_LENGTH, dropout=0.1,
                       attention_dropout=0.1)
-SKIPPED_DIRECTORIES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
-                       "site-packages", "__pycache__"}
-TOKEN_PATTERN = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")
 
 
 # ---------------------------------------------------------------------------------- data
-def stdlib_docstrings(max_files: Optional[int] = None) -> Iterator[Tuple[str, str]]:
-    """``(relative path, docstring)`` for the standard library's docstrings, in a fixed order."""
-    root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = sorted(d for d in subdirectories if d not in SKIPPED_DIRECTORIES
-                                   and not d.startswith(("config-", ".")))
-        paths += [os.path.join(directory, f) for f in sorted(files) if f.endswith(".py")]
-    paths.sort()
-    if max_files is not None:
-        paths = paths[::max(1, len(paths) // max_files)][:max_files]  # spread over the library
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                tree = ast.parse(handle.read())
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue  # e.g. a file written for another Python version
-        relative = os.path.relpath(path, root)
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                docstring = ast.get_docstring(node)
-                if docstring:
-                    yield relative, docstring
-
-
-def split_of(relative_path: str) -> str:
-    """A file's split, from a CRC-32 of its path: 80 % train, 10 % validation, 10 % test."""
-    bucket = zlib.crc32(relative_path.encode("utf-8")) % 10
-    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
-
-
-def tokenize(text: str) -> List[str]:
-    return TOKEN_PATTERN.findall(text.lower())
-
-
 def pack(documents: List[List[int]], length: int = SEQUENCE_LENGTH) -> Dict[str, torch.Tensor]:
     """Packs token-id lists into ``{'input_ids', 'attention_mask'}``, each (N, length).
 
@@ -153,21 +113,21 @@ def pack(documents: List[List[int]], length: int = SEQUENCE_LENGTH) -> Dict[str,
 
 
 def load_data(vocab_size: int, max_files: Optional[int] = None) -> Dict[str, Any]:
-    """Splits of packed sequences, the vocabulary and counts."""
+    """Splits of packed sequences, the vocabulary and counts. Each stdlib file goes to one
+    split (:func:`_text_data.split_of` of its path); docstrings are cut into words
+    (:func:`_text_data.words`)."""
     documents: Dict[str, List[List[str]]] = {"train": [], "validation": [], "test": []}
-    for path, docstring in stdlib_docstrings(max_files):
-        tokens = tokenize(docstring)
+    paths = data_lib.spread(data_lib.stdlib_files(), max_files)
+    for record in data_lib.stdlib_docstrings(paths):
+        tokens = data_lib.words(record["docstring"])
         if tokens:
-            documents[split_of(path)].append(tokens)
-    counts = collections.Counter(token for document in documents["train"] for token in document)
-    # most frequent first, ties alphabetically: the same vocabulary on every run
-    words = sorted(counts, key=lambda word: (-counts[word], word))[:vocab_size - FIRST_WORD]
-    vocabulary = SPECIALS + words
-    index = {word: i for i, word in enumerate(vocabulary)}
-    splits = {name: pack([[index.get(t, UNK) for t in document] for document in docs])
+            documents[data_lib.split_of(record["path"])].append(tokens)
+    # the most frequent training words first, ties alphabetically: the same on every run
+    vocabulary = data_lib.Vocabulary(documents["train"], vocab_size)
+    splits = {name: pack([vocabulary.encode(document) for document in docs])
               for name, docs in documents.items()}
     tokens = {name: sum(len(d) for d in docs) for name, docs in documents.items()}
-    unknown = sum(1 for d in documents["test"] for t in d if t not in index)
+    unknown = sum(1 for d in documents["test"] for t in d if t not in vocabulary.index)
     return {"splits": splits, "vocabulary": vocabulary, "documents":
             {name: len(docs) for name, docs in documents.items()}, "tokens": tokens,
             "test_unknown_rate": unknown / max(tokens["test"], 1)}
@@ -209,9 +169,7 @@ def train_loader(split: Dict[str, torch.Tensor], vocab_size: int, batch_size: in
                  seed: int) -> torch.utils.data.DataLoader:
     examples = [{"input_ids": ids, "attention_mask": mask}
                 for ids, mask in zip(split["input_ids"], split["attention_mask"])]
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed),
-                                       collate_fn=MaskingCollator(vocab_size, seed))
+    return common.shuffled(examples, batch_size, seed, MaskingCollator(vocab_size, seed))
 
 
 def evaluation_batch(split: Dict[str, torch.Tensor], vocab_size: int) -> Dict[str, torch.Tensor]:
@@ -226,20 +184,19 @@ def evaluate(model: torch.nn.Module, batch: Dict[str, torch.Tensor], device: tor
              batch_size: int = 128) -> Dict[str, float]:
     """Masked-token accuracy and perplexity (exp of the mean cross-entropy) over the masked
     positions. Plain slicing, eval mode (restored after)."""
-    was_training = model.training
-    model.eval()
     correct, loss_sum, count = 0, 0.0, 0
-    for start in range(0, batch["input_ids"].size(0), batch_size):
-        labels = batch["labels"][start:start + batch_size].to(device)
-        logits = model(input_ids=batch["input_ids"][start:start + batch_size].to(device),
-                       attention_mask=batch["attention_mask"][start:start + batch_size]
-                       .to(device)).logits
-        kept = labels != IGNORE
-        logits, labels = logits[kept].float(), labels[kept]
-        correct += (logits.argmax(-1) == labels).sum().item()
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        count += labels.numel()
-    model.train(was_training)
+    with common.evaluating(model):
+        for start in range(0, batch["input_ids"].size(0), batch_size):
+            labels = batch["labels"][start:start + batch_size].to(device)
+            logits = model(input_ids=batch["input_ids"][start:start + batch_size].to(device),
+                           attention_mask=batch["attention_mask"][start:start + batch_size]
+                           .to(device)).logits
+            kept = labels != IGNORE
+            logits, labels = logits[kept].float(), labels[kept]
+            correct += (logits.argmax(-1) == labels).sum().item()
+            loss_sum += torch.nn.functional.cross_entropy(logits, labels,
+                                                          reduction="sum").item()
+            count += labels.numel()
     return {"masked_accuracy": correct / max(count, 1),
             "perplexity": math.exp(loss_sum / max(count, 1)), "masked_tokens": count}
 
@@ -248,18 +205,17 @@ def evaluate(model: torch.nn.Module, batch: Dict[str, torch.Tensor], device: tor
 def inference_seconds(model: torch.nn.Module, batch: Dict[str, torch.Tensor],
                       device: torch.device, batch_size: int = 128, repeats: int = 3) -> float:
     """Best of ``repeats`` timings of a forward pass over ``batch`` (eval mode)."""
-    was_training = model.training
-    model.eval()
     best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for start in range(0, batch["input_ids"].size(0), batch_size):
-            model(input_ids=batch["input_ids"][start:start + batch_size].to(device),
-                  attention_mask=batch["attention_mask"][start:start + batch_size].to(device))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    model.train(was_training)
+    with common.evaluating(model):
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for start in range(0, batch["input_ids"].size(0), batch_size):
+                model(input_ids=batch["input_ids"][start:start + batch_size].to(device),
+                      attention_mask=batch["attention_mask"][start:start + batch_size]
+                      .to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - started)
     return best
 
 
@@ -292,8 +248,7 @@ def train_alone(model, data, args, device, epochs: int, lr: float, seed: int,
     optimizer, schedule = optimizer_and_schedule(model, lr, epochs * len(loader))
     trainer = BasicTrainer(train_config(args, output_dir, device, epochs, seed), model,
                            mlm_adaptor(hidden=False))
-    with trainer:
-        trainer.train(optimizer, loader, num_epochs=epochs, **schedule)
+    common.fit(trainer, optimizer, loader, num_epochs=epochs, **schedule)
 
 
 def distil(teacher, student, data, args, device, seed: int, output_dir: str) -> None:
@@ -306,75 +261,45 @@ def distil(teacher, student, data, args, device, seed: int, output_dir: str) -> 
     distiller = GeneralDistiller(train_config(args, output_dir, device, args.epochs, seed),
                                  distill_config, model_T=teacher, model_S=student,
                                  adaptor_T=mlm_adaptor(), adaptor_S=mlm_adaptor())
-    with distiller:
-        distiller.train(optimizer, loader, num_epochs=args.epochs, **schedule,
-                        output_hidden_states=True)
+    common.fit(distiller, optimizer, loader, num_epochs=args.epochs, **schedule,
+               output_hidden_states=True)
 
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_mlm",
-                        help="checkpoints (gs*.pkl) and results.json go here")
-    parser.add_argument("--quick", action="store_true",
-                        help="a much smaller run, for tests (seconds)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of each student run, alone and distilled: the same "
-                             "budget for both (default 1)")
-    parser.add_argument("--teacher-epochs", type=int, default=None,
-                        help="epochs of the teacher (default 3; 1 with --quick)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="student seeds (data order, masks, dropout, the baseline's "
-                             "initial weights); default 0 1 2 (0 with --quick)")
+    parser = common.ExampleParser(__doc__, "./output_mlm",
+                                  quick_help="a much smaller run, for tests (seconds)")
+    parser.add_quick_argument("--epochs", 1, 1, "epochs of each student run, alone and "
+                              "distilled: the same budget for both")
+    parser.add_quick_argument("--teacher-epochs", 1, 3, "epochs of the teacher")
+    parser.add_seeds(help="student seeds (data order, masks, dropout, the baseline's initial "
+                          "weights)")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="the split the table scores: choose settings on 'validation'")
     parser.add_argument("--ablation", action="store_true",
                         help="also train the teacher-initialised student on its masked-LM "
                              "loss alone (no distillation loss)")
     parser.add_argument("--vocab-size", type=int, default=2000)
-    parser.add_argument("--max-files", type=int, default=None,
-                        help="read only this many standard-library files (default all; "
-                             "60 with --quick)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="students' learning rate")
+    parser.add_quick_argument("--max-files", 60, None,
+                              "read only this many standard-library files")
+    parser.add_training_options(lr=1e-3, lr_help="students' learning rate")
     parser.add_argument("--teacher-lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha-ce", type=float, default=5.0)
     parser.add_argument("--alpha-mlm", type=float, default=2.0)
     parser.add_argument("--alpha-cos", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a busy machine extra threads "
-                             "wait on each other)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_threads("torch CPU threads (default 1: on a busy machine extra threads wait on "
+                       "each other)")
+    parser.add_device()
     args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 1
-    if args.teacher_epochs is None:
-        args.teacher_epochs = 1 if args.quick else 3
-    if args.seeds is None:
-        args.seeds = [0] if args.quick else [0, 1, 2]
-    if args.max_files is None and args.quick:
-        args.max_files = 60
-    for name in ("epochs", "teacher_epochs", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.vocab_size <= FIRST_WORD:
         parser.error(f"--vocab-size must be more than {FIRST_WORD} (the special tokens)")
-    if any(seed < 0 for seed in args.seeds):
-        parser.error("--seeds must be non-negative")
     return args
-
-
-def summarise(values: List[float]) -> Tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    textbrewer.logs.set_verbosity("warning")  # keep the console to the table
+    started = common.start(args.threads, quiet=True)  # keep the console to the table
     device = torch.device(args.device)
     data = load_data(args.vocab_size, args.max_files)
     vocab_size = len(data["vocabulary"])
@@ -432,8 +357,8 @@ def main(argv=None) -> Dict[str, Any]:
         model = teacher if name == "teacher" else students[name]
         accuracies = [s["masked_accuracy"] for s in scores[name]]
         perplexities = [s["perplexity"] for s in scores[name]]
-        (accuracy, accuracy_std), (perplexity, perplexity_std) = (summarise(accuracies),
-                                                                  summarise(perplexities))
+        accuracy, accuracy_std = common.mean_std(accuracies)
+        perplexity, perplexity_std = common.mean_std(perplexities)
         results["models"][name] = {
             "masked_accuracy": accuracy, "masked_accuracy_std": accuracy_std,
             "perplexity": perplexity, "perplexity_std": perplexity_std,
@@ -449,14 +374,10 @@ def main(argv=None) -> Dict[str, Any]:
                        "docstrings": data["documents"], "tokens": data["tokens"],
                        "test_unknown_rate": data["test_unknown_rate"],
                        "masked_tokens": scores["teacher"][0]["masked_tokens"]}
-    results["run"] = {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
-                      "seeds": args.seeds, "lr": args.lr, "teacher_lr": args.teacher_lr,
-                      "temperature": args.temperature, "alpha_ce": args.alpha_ce,
-                      "alpha_mlm": args.alpha_mlm, "alpha_cos": args.alpha_cos,
-                      "batch_size": args.batch_size, "threads": args.threads,
-                      "quick": args.quick, "device": str(device),
-                      "textbrewer": textbrewer.__version__,
-                      "seconds": round(time.perf_counter() - started, 1)}
+    results["run"] = common.run_record(args, started, [
+        "epochs", "teacher_epochs", "seeds", "lr", "teacher_lr", "temperature", "alpha_ce",
+        "alpha_mlm", "alpha_cos", "batch_size", "threads", "quick"],
+        settings={"device": str(device)})
 
     print()
     seeds = (f"mean ± std over seeds {args.seeds}" if len(args.seeds) > 1
@@ -466,7 +387,7 @@ def main(argv=None) -> Dict[str, Any]:
           f"{'speed-up':>10}")
     for name, row in results["models"].items():
         speedup = teacher_seconds / row["inference_seconds"]
-        print(f"{name:<20}{row['masked_accuracy']:>12.4f} ± {row['masked_accuracy_std']:.4f}"
+        print(f"{name:<20}{common.pm(row['masked_accuracy'], row['masked_accuracy_std'], 12)}"
               f"{row['perplexity']:>10.1f} ± {row['perplexity_std']:5.1f}"
               f"{row['parameters']:>13,d}{speedup:>9.2f}x")
     gain = (results["models"]["distilled_student"]["masked_accuracy"]
@@ -474,11 +395,7 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"the student is {results['size_ratio']:.2f}x smaller and {results['speedup']:.2f}x "
           f"faster than the teacher; distillation changed its masked accuracy by "
           f"{100 * gain:+.1f} points; {results['run']['seconds']:.0f} s")
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {path}")
+    print(f"wrote {common.write_results(args.output_dir, results)}")
     return results
 
 

@@ -35,23 +35,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import logging
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
-import textbrewer
-from textbrewer import BasicTrainer, DistillationConfig, MultiTaskDistiller, TrainingConfig
-from textbrewer.utils import count_parameters
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+
+from textbrewer import BasicTrainer, DistillationConfig, MultiTaskDistiller  # noqa: E402
+from textbrewer.utils import count_parameters  # noqa: E402
 
 # task name -> (number of classes, digit -> the task's label)
 TASKS: Dict[str, Any] = {
@@ -66,28 +64,16 @@ def load_data(seed: int, train_size: Optional[int]) -> Dict[str, Any]:
     """Per task: ``teacher_train`` (every training image, that task's labels), ``train``
     (the first ``train_size`` of the task's third of the training images) and ``test``.
     Examples are ``{'image': (8, 8) float in [0, 1], 'labels': () long}``."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
-
-    def examples(xs, ys, label_of):
-        return [{"image": torch.from_numpy(x), "labels": torch.tensor(label_of(int(y)))}
-                for x, y in zip(xs, ys)]
-
+    train_x, test_x, train_y, test_y = common.digits_split(seed)
     data = {}
     for index, (task, (_, label_of)) in enumerate(TASKS.items()):
         own = slice(index, None, len(TASKS))  # images index, index + 3, ...: disjoint thirds
-        data[task] = {"teacher_train": examples(train_x, train_y, label_of),
-                      "train": examples(train_x[own], train_y[own], label_of)[:train_size],
-                      "test": examples(test_x, test_y, label_of)}
+        data[task] = {
+            "teacher_train": common.digit_examples(train_x, train_y, label_of=label_of),
+            "train": common.digit_examples(train_x[own], train_y[own],
+                                           label_of=label_of)[:train_size],
+            "test": common.digit_examples(test_x, test_y, label_of=label_of)}
     return data
-
-
-def loader(examples, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    # a seeded generator: the same shuffles for both students
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------------- models
@@ -132,27 +118,19 @@ def student_adaptor(task: str) -> Callable:
 
 
 @torch.no_grad()
-def accuracy(logits_of: Callable, examples) -> float:
-    images = torch.stack([e["image"] for e in examples])
-    labels = torch.stack([e["labels"] for e in examples])
-    return (logits_of(images).argmax(-1) == labels).float().mean().item()
-
-
 def evaluate(teachers: Dict[str, nn.Module], student: Optional[nn.Module],
              data: Dict[str, Any]) -> Dict[str, float]:
     """Test accuracy per task and their mean (the student, or each task's teacher)."""
     models = [*teachers.values()] + ([student] if student is not None else [])
-    for model in models:
-        model.eval()
     scores = {}
-    for task in TASKS:
-        if student is None:
-            logits_of = lambda images, task=task: teachers[task](images)["logits"]
-        else:
-            logits_of = lambda images, task=task: student(images)[task]
-        scores[task] = accuracy(logits_of, data[task]["test"])
-    for model in models:
-        model.train()
+    with common.evaluating(*models):
+        for task in TASKS:
+            test = common.stack(data[task]["test"])
+            if student is None:
+                logits = teachers[task](test["image"])["logits"]
+            else:
+                logits = student(test["image"])[task]
+            scores[task] = (logits.argmax(-1) == test["labels"]).float().mean().item()
     scores["mean"] = statistics.fmean(scores[task] for task in TASKS)
     return scores
 
@@ -176,19 +154,15 @@ def seconds_per_pass(run: Callable, images: torch.Tensor, batch_size: int = 64,
 # ---------------------------------------------------------------------------------- runs
 def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     data = load_data(seed, args.train_size)
-
-    def config(name: str) -> TrainingConfig:
-        return TrainingConfig(device="cpu", seed=seed, log_steps=1000,
-                              output_dir=os.path.join(args.output_dir, f"seed{seed}", name))
+    runs = common.SeedRuns(args, seed, log_steps=1000)
 
     teachers = {}
     for index, (task, (num_labels, _)) in enumerate(TASKS.items()):
         torch.manual_seed(seed + 10 * index)
         teacher = Teacher(num_labels)
-        optimizer = torch.optim.AdamW(teacher.parameters(), lr=args.lr, weight_decay=0.01)
-        with BasicTrainer(config(f"teacher_{task}"), teacher, adaptor) as trainer:
-            trainer.train(optimizer, loader(data[task]["teacher_train"], args.batch_size, seed),
-                          num_steps=args.teacher_steps)
+        runs.train_steps(BasicTrainer(runs.config(f"teacher_{task}"), teacher, adaptor),
+                         teacher, runs.loader(data[task]["teacher_train"]),
+                         args.teacher_steps)
         teachers[task] = teacher.eval()
 
     torch.manual_seed(seed + 1)
@@ -198,16 +172,15 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
         student = copy.deepcopy(initial)
         distill_config = DistillationConfig(kd_loss_type="kl", temperature=args.temperature,
                                             kd_loss_weight=kd_weight, hard_label_weight=1.0)
-        distiller = MultiTaskDistiller(config(name), distill_config, model_T=teachers,
+        distiller = MultiTaskDistiller(runs.config(name), distill_config, model_T=teachers,
                                        model_S=student, adaptor_T={t: adaptor for t in TASKS},
                                        adaptor_S={t: student_adaptor(t) for t in TASKS})
-        optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
-        loaders = {task: loader(data[task]["train"], args.batch_size, seed) for task in TASKS}
-        with distiller:
-            distiller.train(optimizer, loaders, num_steps=args.steps)
+        # the same shuffles for both students
+        loaders = {task: runs.loader(data[task]["train"]) for task in TASKS}
+        runs.train_steps(distiller, student, loaders, args.steps)
         students[name] = student
 
-    images = torch.stack([e["image"] for e in data["digit"]["test"]])
+    images = common.stack(data["digit"]["test"])["image"]
     teacher_seconds = seconds_per_pass(
         lambda batch: [teacher(batch) for teacher in teachers.values()], images)
     student_seconds = seconds_per_pass(students["distilled_student"], images)
@@ -223,41 +196,25 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_multi_task",
-                        help="checkpoints (gs*.pkl) and results.json go here")
-    parser.add_argument("--quick", action="store_true", help="one seed, few steps (tests)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="default 0 1 2 (0 with --quick)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps of each student, all tasks together "
-                             "(default 900; 90 with --quick)")
-    parser.add_argument("--teacher-steps", type=int, default=None,
-                        help="optimizer steps of each teacher (default 600; 100 with --quick)")
+    parser = common.ExampleParser(__doc__, "./output_multi_task",
+                                  quick_help="one seed, few steps (tests)")
+    parser.add_seeds()
+    parser.add_quick_argument("--steps", 90, 900,
+                              "optimizer steps of each student, all tasks together")
+    parser.add_quick_argument("--teacher-steps", 100, 600, "optimizer steps of each teacher")
     parser.add_argument("--train-size", type=int, default=100,
                         help="labelled training images per task for the students")
     parser.add_argument("--width", type=int, default=32, help="the student's shared width")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.steps = args.steps or (90 if args.quick else 900)
-    args.teacher_steps = args.teacher_steps or (100 if args.quick else 600)
-    return args
+    parser.add_training_options(lr=3e-3, temperature=4.0)
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(1)  # tiny models: one thread is fastest
-    logging.getLogger("textbrewer").setLevel(logging.WARNING)  # the table, not the steps
-    started = time.perf_counter()
-    runs = []
-    for seed in args.seeds:
-        runs.append(run_seed(args, seed))
-        print(f"seed {seed}: " + "; ".join(
-            f"{name} " + ", ".join(f"{task} {score:.4f}" for task, score in scores.items())
-            for name, scores in runs[-1]["scores"].items()), flush=True)
+    started = common.start(threads=1, quiet=True)  # the table, not the steps
+    runs = common.run_seeds(args, run_seed, lambda run: "; ".join(
+        f"{name} " + ", ".join(f"{task} {score:.4f}" for task, score in scores.items())
+        for name, scores in run["scores"].items()))
 
     parameters = runs[0]["parameters"]
     speedups = [run["speedup"] for run in runs]
@@ -266,8 +223,7 @@ def main(argv=None) -> Dict[str, Any]:
         row: Dict[str, Any] = {"accuracy": {}, "std": {}, "per_seed": {}}
         for task in [*TASKS, "mean"]:
             values = [run["scores"][name][task] for run in runs]
-            row["accuracy"][task] = statistics.fmean(values)
-            row["std"][task] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row["accuracy"][task], row["std"][task] = common.mean_std(values)
             row["per_seed"][task] = values
         row["parameters"] = parameters["teachers" if name == "teachers" else "student"]
         row["speedup"] = 1.0 if name == "teachers" else statistics.median(speedups)
@@ -277,16 +233,14 @@ def main(argv=None) -> Dict[str, Any]:
     results["speedup"] = statistics.median(speedups)
     results["data"] = {"train_per_task": runs[0]["train_sizes"], "test": 450,
                        "teacher_train": 1347}
-    results["run"] = {k: v for k, v in vars(args).items() if k != "output_dir"}
-    results["run"].update(textbrewer=textbrewer.__version__,
-                          seconds=round(time.perf_counter() - started, 1))
+    results["run"] = common.run_record(args, started)
 
     print(f"\ntest accuracy, mean ± std over seeds {args.seeds} ({args.train_size} labelled "
           f"images per task for the students, {args.steps} steps each)")
     header = "".join(f"{task:>18}" for task in [*TASKS, "mean"])
     print(f"{'model':<19}{header}{'parameters':>12}{'speed-up':>10}")
     for name, row in results["models"].items():
-        cells = "".join(f"{row['accuracy'][task]:>9.4f} ± {row['std'][task]:.4f}"
+        cells = "".join(common.pm(row["accuracy"][task], row["std"][task], 9)
                         for task in [*TASKS, "mean"])
         print(f"{name:<19}{cells}{row['parameters']:>12,d}{row['speedup']:>9.1f}x")
     gain = (results["models"]["distilled_student"]["accuracy"]["mean"]
@@ -294,10 +248,7 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"one student, {results['size_ratio']:.1f}x smaller and {results['speedup']:.1f}x "
           f"faster than running the {len(TASKS)} teachers; distillation changed its mean "
           f"accuracy by {100 * gain:+.2f} points")
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    path = common.write_results(args.output_dir, results)
     print(f"wrote {path} ({results['run']['seconds']:.0f} s)")
     return results
 

@@ -21,162 +21,78 @@ Run:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import statistics
-import time
-from typing import Any, Dict, List
+import sys
+from typing import Any, Dict
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
 
-import textbrewer
-from textbrewer import BasicTrainer, DistillationConfig, TrainingConfig
-from textbrewer.schemes import MutualLearningDistiller, peer_checkpoint_path
-from textbrewer.utils import count_parameters, seed_everything
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+
+from textbrewer import BasicTrainer, DistillationConfig  # noqa: E402
+from textbrewer.schemes import MutualLearningDistiller, peer_checkpoint_path  # noqa: E402
+from textbrewer.utils import count_parameters, seed_everything  # noqa: E402
 
 
-class MLP(nn.Module):
-    """(B, 64) pixels -> {'logits': (B, 10)} (+ 'loss' with ``labels``)."""
-
-    def __init__(self, hidden: int = 32, dropout: float = 0.2):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, 10))
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits, labels)
-        return out
+def mlp(hidden: int) -> common.MLP:
+    """(B, 64) pixels -> {'logits': (B, 10)}: 64 -> hidden (ReLU, dropout 0.2) -> 10."""
+    return common.MLP([hidden], dropout=0.2)
 
 
-def adaptor(batch, outputs):
-    result = {"logits": outputs["logits"]}
-    if "loss" in outputs:
-        result["losses"] = [outputs["loss"]]
-    return result
-
-
-def load_data(seed: int):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    train_x, test_x, train_y, test_y = train_test_split(
-        x, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
-    train = [{"x": torch.from_numpy(a), "labels": torch.tensor(b)}
-             for a, b in zip(train_x, train_y)]
-    test = (torch.from_numpy(test_x), torch.from_numpy(test_y))
-    return train, test
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, test) -> float:
-    was = model.training
-    model.eval()
-    correct = (model(test[0])["logits"].argmax(-1) == test[1]).float().mean().item()
-    model.train(was)
-    return correct
-
-
-def loader(train, batch_size: int, seed: int):
-    return torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed))
-
-
-def run_seed(seed: int, args) -> Dict[str, float]:
+def run_seed(args, seed: int) -> Dict[str, float]:
     seed_everything(seed)
-    train, test = load_data(seed)
+    data = common.digits_data(seed, key="x", flat=True)
+    train, test = data["train"], common.stack(data["test"])
     torch.manual_seed(seed)
-    init = MLP(args.hidden)
+    init = mlp(args.hidden)
     alone, student0 = copy.deepcopy(init), copy.deepcopy(init)
     torch.manual_seed(seed + 1000)
-    student1 = MLP(args.hidden)
-    out = os.path.join(args.output_dir, f"seed{seed}")
+    student1 = mlp(args.hidden)
+    runs = common.SeedRuns(args, seed, log_steps=100,
+                           ckpt_epoch_frequency=max(1, args.epochs // 3))
 
-    config = TrainingConfig(device="cpu", output_dir=os.path.join(out, "student_alone"),
-                            seed=seed, log_steps=100,
-                            ckpt_epoch_frequency=max(1, args.epochs // 3))
-    trainer = BasicTrainer(config, alone, adaptor)
-    with trainer:
-        trainer.train(torch.optim.Adam(alone.parameters(), lr=args.lr),
-                      loader(train, args.batch_size, seed), num_epochs=args.epochs)
+    common.fit(BasicTrainer(runs.config("student_alone"), alone, common.loss_adaptor),
+               torch.optim.Adam(alone.parameters(), lr=args.lr), runs.loader(train),
+               num_epochs=args.epochs)
 
-    config = TrainingConfig(device="cpu", output_dir=os.path.join(out, "mutual"), seed=seed,
-                            log_steps=100, ckpt_epoch_frequency=max(1, args.epochs // 3))
     distiller = MutualLearningDistiller(
-        config, DistillationConfig(kd_loss_type="kl", temperature=1.0, kd_loss_weight=1.0,
-                                   hard_label_weight=1.0),
-        [student0, student1], adaptor_S=adaptor)
-    with distiller:
-        # student1 gets an Adam of its own with the same settings
-        distiller.train(torch.optim.Adam(student0.parameters(), lr=args.lr),
-                        loader(train, args.batch_size, seed), num_epochs=args.epochs)
-    final_step = args.epochs * len(loader(train, args.batch_size, seed))
-    assert os.path.isfile(peer_checkpoint_path(os.path.join(out, "mutual"), final_step, 1))
-    return {"student_alone": accuracy(alone, test), "student0": accuracy(student0, test),
-            "student1": accuracy(student1, test)}
+        runs.config("mutual"), DistillationConfig(kd_loss_type="kl", temperature=1.0,
+                                                  kd_loss_weight=1.0, hard_label_weight=1.0),
+        [student0, student1], adaptor_S=common.loss_adaptor)
+    # student1 gets an Adam of its own with the same settings
+    common.fit(distiller, torch.optim.Adam(student0.parameters(), lr=args.lr),
+               runs.loader(train), num_epochs=args.epochs)
+    final_step = args.epochs * len(runs.loader(train))
+    assert os.path.isfile(peer_checkpoint_path(runs.output_dir("mutual"), final_step, 1))
+    return {"student_alone": common.accuracy(alone, test, "x"),
+            "student0": common.accuracy(student0, test, "x"),
+            "student1": common.accuracy(student1, test, "x")}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_mutual_learning")
-    parser.add_argument("--quick", action="store_true", help="one seed, 3 epochs (seconds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="default 0 1 2 (0 with --quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="default 30 (3 with --quick)")
+    parser = common.ExampleParser(__doc__, "./output_mutual_learning",
+                                  quick_help="one seed, 3 epochs (seconds)")
+    parser.add_seeds()
+    parser.add_quick_argument("--epochs", 3, 30)
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    args.epochs = args.epochs if args.epochs is not None else (3 if args.quick else 30)
-    return args
-
-
-def summarise(per_seed: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
-    models = {}
-    for name in per_seed[0]:
-        values = [row[name] for row in per_seed]
-        models[name] = {"accuracy": statistics.mean(values),
-                        "std": statistics.pstdev(values), "per_seed": values}
-    return models
-
-
-def print_table(models, seeds) -> None:
-    print(f"\n{'model':<16}{'test accuracy (mean ± std over seeds ' + str(seeds) + ')':>48}")
-    for name, row in models.items():
-        print(f"{name:<16}{row['accuracy']:>38.4f} ± {row['std']:.4f}")
+    parser.add_training_options(lr=2e-3)
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest (and avoids oversubscription)
-    per_seed = []
-    for seed in args.seeds:
-        row = run_seed(seed, args)
-        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
-        per_seed.append(row)
-    models = summarise(per_seed)
+    started = common.start(threads=1)
+    models = common.summarise(common.run_seeds(args, run_seed), population=True)
     for row in models.values():
-        row["parameters"] = count_parameters(MLP(args.hidden))
-    print_table(models, args.seeds)
+        row["parameters"] = count_parameters(mlp(args.hidden))
+    title = f"test accuracy (mean ± std over seeds {args.seeds})"
+    common.print_accuracies(models, f"\n{'model':<16}{title:>48}", 16, 38)
     results = {"models": models, "scheme": "mutual",
-               "run": {"seeds": args.seeds, "epochs": args.epochs, "lr": args.lr,
-                       "hidden": args.hidden, "batch_size": args.batch_size,
-                       "quick": args.quick, "textbrewer": textbrewer.__version__,
-                       "seconds": round(time.perf_counter() - started, 1)}}
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+               "run": common.run_record(args, started, ["seeds", "epochs", "lr", "hidden",
+                                                        "batch_size", "quick"])}
+    path = common.write_results(args.output_dir, results)
     print(f"{results['run']['seconds']:.0f} s; wrote {path}")
     return results
 

@@ -45,21 +45,16 @@ Run:
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
-import time
 from typing import Any, Dict, List
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _text_data as data_lib  # noqa: E402  (the examples' shared data helpers)
+import _common as common  # noqa: E402  (the examples' shared helpers)
+import _text_data as data_lib  # noqa: E402  (the text examples' data and training helpers)
 
-import textbrewer  # noqa: E402
-from textbrewer import DistillationConfig, GeneralDistiller  # noqa: E402
-from textbrewer.recipes import tinybert_layer_mapping  # noqa: E402
-from textbrewer.utils import count_parameters, seed_everything  # noqa: E402
 
 try:
     from transformers import BertConfig, BertForTokenClassification
@@ -67,16 +62,6 @@ except ImportError:  # pragma: no cover
     raise SystemExit("this example needs transformers: pip install -e '.[transformers]'")
 
 IGNORE = -100  # the label of positions without a tag (transformers' ignore_index)
-TEACHER_CONFIG = dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
-                      intermediate_size=128, hidden_dropout_prob=0.1,
-                      attention_probs_dropout_prob=0.1, type_vocab_size=1)
-STUDENT_CONFIG = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                      type_vocab_size=1)
-QUICK_TEACHER_CONFIG = dict(TEACHER_CONFIG, hidden_size=32, num_hidden_layers=4,
-                            num_attention_heads=2, intermediate_size=64)
-QUICK_STUDENT_CONFIG = dict(STUDENT_CONFIG, hidden_size=16, num_attention_heads=2,
-                            intermediate_size=32)
 UNKNOWN_KINDS = data_lib.UNKNOWN_KINDS + ["[UNK-CAP]"]
 
 
@@ -103,8 +88,7 @@ def load_data(args) -> Dict[str, Any]:
     else:
         built = data_lib.stdlib_tagging(max_files=args.max_files, length=room)
         tags = built["tags"]
-        splits = {name: [s for s in built["sentences"] if s["split"] == name]
-                  for name in ("train", "test")}
+        splits = data_lib.train_and_test(built["sentences"])
         source = "stdlib source lines, tokens tagged by role"
     # a fixed, spread-out subset when capped
     for name, cap in (("train", args.max_sentences), ("test", args.max_sentences // 4)):
@@ -136,12 +120,11 @@ class Collator:
 @torch.no_grad()
 def evaluate(model, batches, tags: List[str], device) -> Dict[str, float]:
     """Entity-level micro F1 (conlleval's chunks) and token accuracy over the tagged tokens."""
-    was_training = model.training
-    model.eval()
     correct = tokens = true_positives = predicted = gold = 0
     for batch in batches:
         inputs = data_lib.to_device({k: v for k, v in batch.items() if k != "labels"}, device)
-        predictions = model(**inputs).logits.argmax(-1).cpu()
+        with common.evaluating(model):  # eval mode for the forward pass, restored after
+            predictions = model(**inputs).logits.argmax(-1).cpu()
         for row_predicted, row_gold in zip(predictions, batch["labels"]):
             keep = row_gold != IGNORE
             p, g = row_predicted[keep].tolist(), row_gold[keep].tolist()
@@ -152,7 +135,6 @@ def evaluate(model, batches, tags: List[str], device) -> Dict[str, float]:
             true_positives += len(chunks_p & chunks_g)
             predicted += len(chunks_p)
             gold += len(chunks_g)
-    model.train(was_training)
     precision = true_positives / max(predicted, 1)
     recall = true_positives / max(gold, 1)
     f1 = 2 * precision * recall / max(precision + recall, 1e-12)
@@ -178,80 +160,25 @@ def adaptor(batch: Dict[str, torch.Tensor], outputs) -> Dict[str, Any]:
             "inputs_mask": batch["attention_mask"], "losses": outputs.loss}
 
 
-def distil(name, teacher, student, layers, train_examples, collate, args, device) -> None:
-    matches = tinybert_layer_mapping(args.teacher_config["num_hidden_layers"], layers,
-                                     args.teacher_config["hidden_size"],
-                                     args.student_config["hidden_size"],
-                                     features=("hidden", "attention"))
-    config = DistillationConfig(temperature=args.temperature, kd_loss_type="ce",
-                                kd_loss_weight=1.0, hard_label_weight=1.0,
-                                intermediate_matches=matches)
-    data = data_lib.loader(train_examples, collate, args)
-    optimizer, scheduler = data_lib.optimizer_and_schedule(student, args.lr,
-                                                           args.epochs * len(data))
-    distiller = GeneralDistiller(data_lib.train_config(args, name, device, args.epochs), config,
-                                 model_T=teacher, model_S=student, adaptor_T=adaptor,
-                                 adaptor_S=adaptor)
-    with distiller:
-        distiller.train(optimizer, data, num_epochs=args.epochs, **scheduler,
-                        output_hidden_states=True, output_attentions=True)
-
-
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_ner")
-    parser.add_argument("--data", default=None,
-                        help="a directory with CoNLL-2003 train.txt and test.txt; default: "
-                             "the offline stdlib-source tagging task")
-    parser.add_argument("--quick", action="store_true", help="a tiny run, for tests")
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 4)")
-    parser.add_argument("--teacher-epochs", type=int, default=None,
-                        help="teacher epochs (default 5)")
-    parser.add_argument("--student-layers", default=None,
-                        help="comma-separated student depths (default 4; 2 with --quick)")
-    parser.add_argument("--max-files", type=int, default=None,
-                        help="stdlib modules read (default 40; 4 with --quick)")
-    parser.add_argument("--max-sentences", type=int, default=None,
-                        help="training sentences kept (test: a quarter) (default 4000; 200 "
-                             "with --quick)")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="tokens per sentence with [CLS] and [SEP] (default 32; 16 quick)")
-    parser.add_argument("--vocab-size", type=int, default=3000)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    defaults = dict(epochs=(1, 4), teacher_epochs=(1, 5), student_layers=("2", "4"),
-                    max_files=(4, 40), max_sentences=(200, 4000), max_length=(16, 32))
-    for name, (quick, full) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    try:
-        args.student_layers = [int(x) for x in str(args.student_layers).split(",")]
-    except ValueError:
-        parser.error(f"--student-layers must be comma-separated ints, got {args.student_layers!r}")
-    args.teacher_config = QUICK_TEACHER_CONFIG if args.quick else TEACHER_CONFIG
-    args.student_config = QUICK_STUDENT_CONFIG if args.quick else STUDENT_CONFIG
-    depth = args.teacher_config["num_hidden_layers"]
-    for layers in args.student_layers:
-        if not 1 <= layers <= depth:
-            parser.error(f"--student-layers: {layers} is not in 1..{depth} (the teacher's)")
-    for name in ("epochs", "teacher_epochs", "max_files", "max_sentences"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_length < 4:
-        parser.error(f"--max-length must be at least 4, got {args.max_length}")
-    return args
+    parser = data_lib.parser(__doc__, "./output_ner",
+                             "a directory with CoNLL-2003 train.txt and test.txt; default: "
+                             "the offline stdlib-source tagging task",
+                             epochs=(1, 4), teacher_epochs=(1, 5))
+    parser.add_quick_argument("--student-layers", "2", "4", "comma-separated student depths",
+                              type=str)
+    parser.add_quick_argument("--max-files", 4, 40, "stdlib modules read")
+    parser.add_quick_argument("--max-sentences", 200, 4000,
+                              "training sentences kept (test: a quarter)")
+    parser.add_quick_argument("--max-length", 16, 32,
+                              "tokens per sentence with [CLS] and [SEP]", positive=False)
+    return data_lib.parse_args(parser, argv, min_length=4)
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
-    seed_everything(args.seed)
-    device = torch.device(args.device)
+    started, device = data_lib.start(args)
     data = load_data(args)
     splits, vocabulary, tags = data["splits"], data["vocabulary"], data["tags"]
     collate = Collator(vocabulary, tags)
@@ -261,49 +188,23 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"{data['source']}: {len(splits['train'])} training and {len(splits['test'])} test "
           f"sentences, tags {tags}, vocabulary {len(vocabulary)}, device {device}")
 
-    torch.manual_seed(args.seed)
-    teacher = build(args.teacher_config, 0, setup).to(device)
-    print(f"teacher ({args.teacher_epochs} epochs)")
-    data_lib.train_alone("teacher", teacher, adaptor, splits["train"], collate, args, device,
-                         args.teacher_epochs)
+    teacher = data_lib.train_teacher(build, adaptor, setup, splits["train"], collate, args,
+                                     device)
     models: Dict[str, torch.nn.Module] = {"teacher": teacher}
     for layers in args.student_layers:
-        torch.manual_seed(args.seed + layers)
-        initial = build(args.student_config, layers, setup)
-        print(f"{layers}-layer student alone ({args.epochs} epochs)")
-        alone = copy.deepcopy(initial).to(device)
-        data_lib.train_alone(f"student_alone_L{layers}", alone, adaptor, splits["train"],
-                             collate, args, device, args.epochs)
-        print(f"{layers}-layer student distilled ({args.epochs} epochs)")
-        distilled = copy.deepcopy(initial).to(device)
-        distil(f"distilled_student_L{layers}", teacher, distilled, layers, splits["train"],
-               collate, args, device)
-        models[f"student_alone_L{layers}"] = alone
-        models[f"distilled_student_L{layers}"] = distilled
+        models.update(data_lib.alone_and_distilled(teacher, build, adaptor, layers, setup,
+                                                   splits["train"], collate, args, device)[1])
 
-    timing_batches = [data_lib.to_device({k: v for k, v in b.items() if k != "labels"}, device)
-                      for b in test_batches[:8]]
-    seconds = data_lib.seconds_per_batch(models, timing_batches)
-    results: Dict[str, Any] = {"models": {}}
-    for name, model in models.items():
-        results["models"][name] = {**evaluate(model, test_batches, tags, device),
-                                   "parameters": count_parameters(model),
-                                   "seconds_per_batch": seconds[name],
-                                   "speedup": seconds["teacher"] / seconds[name]}
+    results: Dict[str, Any] = {"models": data_lib.score(
+        models, test_batches, lambda model: evaluate(model, test_batches, tags, device), device)}
     results["data"] = {"source": data["source"], "tags": tags, "train": len(splits["train"]),
                        "test": len(splits["test"]), "vocabulary": len(vocabulary)}
     results["configs"] = {"teacher": args.teacher_config, "student": args.student_config,
                           **setup}
-    results["run"] = {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
-                      "student_layers": args.student_layers, "lr": args.lr,
-                      "temperature": args.temperature, "batch_size": args.batch_size,
-                      "quick": args.quick, "seed": args.seed, "device": str(device),
-                      "textbrewer": textbrewer.__version__,
-                      "seconds": round(time.perf_counter() - started, 1)}
-    print()
-    data_lib.print_table(results["models"], ["f1", "token_accuracy"])
-    print(f"{results['run']['seconds']:.0f} s")
-    print(f"wrote {data_lib.write_results(args.output_dir, results)}")
+    results["run"] = common.run_record(args, started, [
+        "epochs", "teacher_epochs", "student_layers", "lr", "temperature", "batch_size",
+        "quick", "seed"], settings={"device": str(device)})
+    data_lib.report(results, ["f1", "token_accuracy"], args.output_dir)
     return results
 
 

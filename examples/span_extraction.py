@@ -23,10 +23,10 @@ Two heads and KD. The adaptor returns ``logits = [start_logits, end_logits]``, e
 both models (the answer is always in the context, so KD compares the distributions over
 the context). TextBrewer
 0.2.1's GeneralDistiller kept only the **last head's** KD loss (it overwrote the sum at
-each head): here that is ``DistillationConfig(kd_over_heads='compatible')``, the default,
-so that published recipes give their numbers. This example uses ``kd_over_heads='sum'``:
-the start head is then taught by the teacher too, not only by the hard labels, which is
-what span-extraction KD means. ``--kd-over-heads both`` trains one student each way and
+each head): here that is ``DistillationConfig(kd_over_heads='last')``. TextBrewer
+0.2.1.post1, the release ``pip install textbrewer`` gives, sums over the heads, and so
+does our default, ``kd_over_heads='sum'``: the start head is then taught by the teacher
+too, not only by the hard labels, which is what span-extraction KD means. ``--kd-over-heads both`` trains one student each way and
 shows the difference.
 
 Runs (``transformers.BertForQuestionAnswering`` from a ``BertConfig``, from scratch,
@@ -53,18 +53,14 @@ import collections
 import copy
 import os
 import sys
-import time
 from typing import Any, Dict, List
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _text_data as data_lib  # noqa: E402  (the examples' shared data helpers)
+import _common as common  # noqa: E402  (the examples' shared helpers)
+import _text_data as data_lib  # noqa: E402  (the text examples' data and training helpers)
 
-import textbrewer  # noqa: E402
-from textbrewer import DistillationConfig, GeneralDistiller  # noqa: E402
-from textbrewer.recipes import tinybert_layer_mapping  # noqa: E402
-from textbrewer.utils import count_parameters, seed_everything  # noqa: E402
 
 try:
     from transformers import BertConfig, BertForQuestionAnswering
@@ -73,16 +69,6 @@ except ImportError:  # pragma: no cover
 
 QUESTION_LENGTH = 16
 MAX_ANSWER_LENGTH = 16
-TEACHER_CONFIG = dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
-                      intermediate_size=128, hidden_dropout_prob=0.1,
-                      attention_probs_dropout_prob=0.1, type_vocab_size=2)
-STUDENT_CONFIG = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                      type_vocab_size=2)
-QUICK_TEACHER_CONFIG = dict(TEACHER_CONFIG, hidden_size=32, num_hidden_layers=4,
-                            num_attention_heads=2, intermediate_size=64)
-QUICK_STUDENT_CONFIG = dict(STUDENT_CONFIG, hidden_size=16, num_attention_heads=2,
-                            intermediate_size=32)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -106,8 +92,7 @@ def load_data(args) -> Dict[str, Any]:
     else:
         built = data_lib.stdlib_spans(args.candidates, args.max_files, QUESTION_LENGTH,
                                       seed=args.seed)
-        splits = {name: [e for e in built["examples"] if e["split"] == name]
-                  for name in ("train", "test")}
+        splits = data_lib.train_and_test(built["examples"])
         source = "stdlib: which function does this docstring describe"
     dropped = {}
     for name in splits:
@@ -163,22 +148,21 @@ def best_spans(start_logits, end_logits, context_mask) -> List[tuple]:
 
 
 def token_f1(predicted: List[int], gold: List[int]) -> float:
-    common = sum((collections.Counter(predicted) & collections.Counter(gold)).values())
-    if common == 0:
+    shared = sum((collections.Counter(predicted) & collections.Counter(gold)).values())
+    if shared == 0:
         return 0.0
-    precision, recall = common / len(predicted), common / len(gold)
+    precision, recall = shared / len(predicted), shared / len(gold)
     return 2 * precision * recall / (precision + recall)
 
 
 @torch.no_grad()
 def evaluate(model, batches, device) -> Dict[str, float]:
     """Exact match and token F1 (SQuAD's, over our word tokens), in [0, 1]."""
-    was_training = model.training
-    model.eval()
     exact = f1 = count = 0
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if not k.endswith("_positions")}
-        outputs = model(**data_lib.to_device(inputs, device))
+        with common.evaluating(model):  # eval mode for the forward pass, restored after
+            outputs = model(**data_lib.to_device(inputs, device))
         spans = best_spans(outputs.start_logits.cpu(), outputs.end_logits.cpu(),
                            context_mask(batch))
         for row, (start, end) in enumerate(spans):
@@ -189,7 +173,6 @@ def evaluate(model, batches, device) -> Dict[str, float]:
             exact += int((start, end) == (gold_start, gold_end))
             f1 += token_f1(predicted, gold)
             count += 1
-    model.train(was_training)
     return {"exact_match": exact / count, "f1": f1 / count}
 
 
@@ -218,88 +201,33 @@ def adaptor(batch: Dict[str, torch.Tensor], outputs) -> Dict[str, Any]:
             "inputs_mask": batch["attention_mask"], "losses": outputs.loss}
 
 
-def distil(name, teacher, student, layers, kd_over_heads, train_examples, collate, args,
-           device) -> None:
-    matches = tinybert_layer_mapping(args.teacher_config["num_hidden_layers"], layers,
-                                     args.teacher_config["hidden_size"],
-                                     args.student_config["hidden_size"],
-                                     features=("hidden", "attention"))
-    config = DistillationConfig(temperature=args.temperature, kd_loss_type="ce",
-                                kd_loss_weight=1.0, hard_label_weight=1.0,
-                                kd_over_heads=kd_over_heads, intermediate_matches=matches)
-    data = data_lib.loader(train_examples, collate, args)
-    optimizer, scheduler = data_lib.optimizer_and_schedule(student, args.lr,
-                                                           args.epochs * len(data))
-    distiller = GeneralDistiller(data_lib.train_config(args, name, device, args.epochs), config,
-                                 model_T=teacher, model_S=student, adaptor_T=adaptor,
-                                 adaptor_S=adaptor)
-    with distiller:
-        distiller.train(optimizer, data, num_epochs=args.epochs, **scheduler,
-                        output_hidden_states=True, output_attentions=True)
-
-
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_span_extraction")
-    parser.add_argument("--data", default=None,
-                        help="a directory with SQuAD v1.1 train-v1.1.json and dev-v1.1.json; "
-                             "default: the offline stdlib task")
-    parser.add_argument("--quick", action="store_true", help="a tiny run, for tests")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="student epochs (default 5; 1 with --quick)")
-    parser.add_argument("--teacher-epochs", type=int, default=None,
-                        help="teacher epochs (default 6; 1 with --quick)")
-    parser.add_argument("--student-layers", type=int, default=None,
-                        help="the student's depth (default 4; 2 with --quick)")
-    parser.add_argument("--kd-over-heads", choices=["sum", "compatible", "both"],
+    parser = data_lib.parser(__doc__, "./output_span_extraction",
+                             "a directory with SQuAD v1.1 train-v1.1.json and dev-v1.1.json; "
+                             "default: the offline stdlib task",
+                             epochs=(1, 5), teacher_epochs=(1, 6))
+    parser.add_quick_argument("--student-layers", 2, 4, "the student's depth")
+    parser.add_argument("--kd-over-heads", choices=["sum", "last", "both"],
                         default="sum",
-                        help="'sum': KD on both heads (default); 'compatible': TextBrewer "
+                        help="'sum': KD on both heads (default); 'last': TextBrewer "
                              "0.2.1's last head only; 'both': one student each way")
     parser.add_argument("--candidates", type=int, default=4,
                         help="functions listed in each context (the stdlib task)")
-    parser.add_argument("--max-files", type=int, default=None,
-                        help="stdlib modules read (default all; 40 with --quick)")
-    parser.add_argument("--max-examples", type=int, default=None,
-                        help="training examples kept, spread over the split (default 1200; "
-                             "200 with --quick)")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="tokens per example (default 112; 64 with --quick)")
-    parser.add_argument("--vocab-size", type=int, default=3000)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    defaults = dict(epochs=(1, 5), teacher_epochs=(1, 6), student_layers=(2, 4),
-                    max_files=(40, None), max_length=(64, 112),
-                    max_examples=(200, 1200))
-    for name, (quick, full) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    args.teacher_config = QUICK_TEACHER_CONFIG if args.quick else TEACHER_CONFIG
-    args.student_config = QUICK_STUDENT_CONFIG if args.quick else STUDENT_CONFIG
-    depth = args.teacher_config["num_hidden_layers"]
-    if not 1 <= args.student_layers <= depth:
-        parser.error(f"--student-layers must be in 1..{depth} (the teacher's), got "
-                     f"{args.student_layers}")
-    for name in ("epochs", "teacher_epochs", "max_examples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    parser.add_quick_argument("--max-files", 40, None, "stdlib modules read")
+    parser.add_quick_argument("--max-examples", 200, 1200,
+                              "training examples kept, spread over the split")
+    parser.add_quick_argument("--max-length", 64, 112, "tokens per example", positive=False)
+    # two segments (question, context): type_vocab_size 2
+    args = data_lib.parse_args(parser, argv, min_length=QUESTION_LENGTH + 8, type_vocab_size=2)
     if args.candidates < 2:
         parser.error(f"--candidates must be at least 2, got {args.candidates}")
-    if args.max_length < QUESTION_LENGTH + 8:
-        parser.error(f"--max-length must be at least {QUESTION_LENGTH + 8}, got "
-                     f"{args.max_length}")
     return args
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
-    seed_everything(args.seed)
-    device = torch.device(args.device)
+    started, device = data_lib.start(args)
     data = load_data(args)
     splits, vocabulary = data["splits"], data["vocabulary"]
     collate = Collator(vocabulary)
@@ -309,53 +237,36 @@ def main(argv=None) -> Dict[str, Any]:
           f"examples ({data['dropped']} left out: answer past --max-length), vocabulary "
           f"{len(vocabulary)}, device {device}")
 
-    torch.manual_seed(args.seed)
-    teacher = build(args.teacher_config, 0, setup).to(device)
-    print(f"teacher ({args.teacher_epochs} epochs)")
-    data_lib.train_alone("teacher", teacher, adaptor, splits["train"], collate, args, device,
-                         args.teacher_epochs)
+    teacher = data_lib.train_teacher(build, adaptor, setup, splits["train"], collate, args,
+                                     device)
     layers = args.student_layers
-    torch.manual_seed(args.seed + layers)
-    initial = build(args.student_config, layers, setup)
+    initial = data_lib.initial_student(build, layers, setup, args)
     print(f"{layers}-layer student alone ({args.epochs} epochs)")
     alone = copy.deepcopy(initial).to(device)
     data_lib.train_alone("student_alone", alone, adaptor, splits["train"], collate, args,
                          device, args.epochs)
     models: Dict[str, torch.nn.Module] = {"teacher": teacher, "student_alone": alone}
-    ways = ["sum", "compatible"] if args.kd_over_heads == "both" else [args.kd_over_heads]
+    ways = ["sum", "last"] if args.kd_over_heads == "both" else [args.kd_over_heads]
     for way in ways:
         name = "distilled_student" if way == "sum" else "distilled_student_last_head"
         print(f"{layers}-layer student distilled, kd_over_heads={way!r} ({args.epochs} epochs)")
         models[name] = copy.deepcopy(initial).to(device)
-        distil(name, teacher, models[name], layers, way, splits["train"], collate, args,
-               device)
+        data_lib.distil(name, teacher, models[name], layers, adaptor, splits["train"], collate,
+                        args, device, kd_over_heads=way)
 
-    timing_batches = [data_lib.to_device({k: v for k, v in b.items()
-                                          if not k.endswith("_positions")}, device)
-                      for b in test_batches[:8]]
-    seconds = data_lib.seconds_per_batch(models, timing_batches)
-    results: Dict[str, Any] = {"models": {}}
-    for name, model in models.items():
-        results["models"][name] = {**evaluate(model, test_batches, device),
-                                   "parameters": count_parameters(model),
-                                   "seconds_per_batch": seconds[name],
-                                   "speedup": seconds["teacher"] / seconds[name]}
+    results: Dict[str, Any] = {"models": data_lib.score(
+        models, test_batches, lambda model: evaluate(model, test_batches, device), device,
+        label_keys=("start_positions", "end_positions"))}
     results["data"] = {"source": data["source"], "train": len(splits["train"]),
                        "test": len(splits["test"]), "dropped": data["dropped"],
                        "vocabulary": len(vocabulary)}
     results["configs"] = {"teacher": args.teacher_config,
                           "student": dict(args.student_config, num_hidden_layers=layers),
                           **setup}
-    results["run"] = {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
-                      "kd_over_heads": args.kd_over_heads, "lr": args.lr,
-                      "temperature": args.temperature, "batch_size": args.batch_size,
-                      "quick": args.quick, "seed": args.seed, "device": str(device),
-                      "textbrewer": textbrewer.__version__,
-                      "seconds": round(time.perf_counter() - started, 1)}
-    print()
-    data_lib.print_table(results["models"], ["exact_match", "f1"])
-    print(f"{results['run']['seconds']:.0f} s")
-    print(f"wrote {data_lib.write_results(args.output_dir, results)}")
+    results["run"] = common.run_record(args, started, [
+        "epochs", "teacher_epochs", "kd_over_heads", "lr", "temperature", "batch_size",
+        "quick", "seed"], settings={"device": str(device)})
+    data_lib.report(results, ["exact_match", "f1"], args.output_dir)
     return results
 
 

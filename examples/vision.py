@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
-import time
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -51,10 +50,13 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-import textbrewer
-from textbrewer import (BasicTrainer, CustomMatch, DistillationConfig, GeneralDistiller,
-                        TrainingConfig)
-from textbrewer.utils import count_parameters
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (the examples' shared helpers)
+
+import textbrewer  # noqa: E402
+from textbrewer import (BasicTrainer, CustomMatch, DistillationConfig,  # noqa: E402
+                        GeneralDistiller, TrainingConfig)
+from textbrewer.utils import count_parameters  # noqa: E402
 
 IMAGE_SIZE = 16
 TEACHER_CONFIG = dict(widths=[16, 32, 64], num_classes=10)
@@ -108,18 +110,7 @@ class DictDataset(torch.utils.data.Dataset):
 def train_loader(split: Dict[str, torch.Tensor], batch_size: int,
                  seed: int) -> torch.utils.data.DataLoader:
     # A seeded generator: the shuffles are the same on every run of the same seed.
-    return torch.utils.data.DataLoader(DictDataset(split), batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, split: Dict[str, torch.Tensor], device: torch.device) -> float:
-    """Share of ``split`` the model classifies correctly (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
-    logits = model(images=split["images"].to(device))["logits"]
-    model.train(was_training)
-    return (logits.argmax(-1).cpu() == split["labels"]).float().mean().item()
+    return common.shuffled(DictDataset(split), batch_size, seed)
 
 
 # ---------------------------------------------------------------------------------- models
@@ -234,15 +225,6 @@ def method_config(method: str, teacher: nn.Module,
 
 
 # ---------------------------------------------------------------------------------- training
-def optimizer_and_schedule(model: nn.Module, lr: float, total_steps: int):
-    """AdamW and a linear decay to zero, built by the distiller as ``scheduler_class``
-    (so the projections and loss modules the distiller adds are scheduled too)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    schedule = dict(scheduler_class=torch.optim.lr_scheduler.LambdaLR,
-                    scheduler_args={"lr_lambda": lambda step: max(0.0, 1 - step / total_steps)})
-    return optimizer, schedule
-
-
 def train_config(output_dir: str, device: torch.device, epochs: int, seed: int) -> TrainingConfig:
     # One checkpoint, after the last epoch: the table scores the final model.
     return TrainingConfig(device=device, output_dir=output_dir, ckpt_epoch_frequency=epochs,
@@ -253,10 +235,10 @@ def train_alone(model: nn.Module, data, args: argparse.Namespace, device: torch.
                 epochs: int, seed: int, output_dir: str) -> None:
     """Supervised training on the labels: the teacher, or the student baseline."""
     loader = train_loader(data["train"], args.batch_size, seed)
-    optimizer, schedule = optimizer_and_schedule(model, args.lr, epochs * len(loader))
+    optimizer, schedule = common.optimizer_and_schedule(model, args.lr, epochs * len(loader),
+                                                        weight_decay=5e-4)
     trainer = BasicTrainer(train_config(output_dir, device, epochs, seed), model, adaptor)
-    with trainer:
-        trainer.train(optimizer, loader, num_epochs=epochs, **schedule)
+    common.fit(trainer, optimizer, loader, num_epochs=epochs, **schedule)
 
 
 def distil(method: str, teacher: nn.Module, student: nn.Module, data,
@@ -268,74 +250,46 @@ def distil(method: str, teacher: nn.Module, student: nn.Module, data,
     torch.manual_seed(seed)
     distill_config, custom_matches = method_config(method, teacher, student)
     loader = train_loader(data["train"], args.batch_size, seed)
-    optimizer, schedule = optimizer_and_schedule(student, args.lr, args.epochs * len(loader))
+    optimizer, schedule = common.optimizer_and_schedule(student, args.lr,
+                                                        args.epochs * len(loader),
+                                                        weight_decay=5e-4)
     distiller = GeneralDistiller(train_config(output_dir, device, args.epochs, seed),
                                  distill_config, model_T=teacher, model_S=student,
                                  adaptor_T=adaptor, adaptor_S=adaptor,
                                  custom_matches=custom_matches)
-    with distiller:
-        distiller.train(optimizer, loader, num_epochs=args.epochs, **schedule)
+    common.fit(distiller, optimizer, loader, num_epochs=args.epochs, **schedule)
     distiller.remove_hooks()  # the teacher is shared by the next runs
     return distill_config
 
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default="./output_vision",
-                        help="checkpoints (gs*.pkl) and results.json go here")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of every student run, alone or distilled: the same "
-                             "budget for all (default 15; 2 with --quick)")
-    parser.add_argument("--teacher-epochs", type=int, default=None,
-                        help="epochs of the teacher (default 30; 4 with --quick)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="student seeds: initial weights and batch order (default "
-                             "0 1 2 3 4; 0 with --quick)")
+    parser = common.ExampleParser(__doc__, "./output_vision",
+                                  quick_help="a much smaller run, for tests (seconds)")
+    parser.add_quick_argument("--epochs", 2, 15, "epochs of every student run, alone or "
+                              "distilled: the same budget for all")
+    parser.add_quick_argument("--teacher-epochs", 4, 30, "epochs of the teacher")
+    parser.add_seeds((0, 1, 2, 3, 4), "student seeds: initial weights and batch order")
     parser.add_argument("--methods", nargs="+", default=list(METHODS),
                         choices=list(METHODS + EXTRA_METHODS),
                         help="which runs (student_alone is always added: it is the baseline)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a much smaller run, for tests (seconds)")
     parser.add_argument("--holdout", action="store_true",
                         help="score on 20%% of the training images held out, not on the "
                              "test images: use it to choose settings")
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: these convolutions are too small "
-                             "to gain from more, and on a busy machine extra threads wait on "
-                             "each other)")
+    parser.add_training_options(lr=1e-2, batch_size=64)
+    parser.add_device()
+    parser.add_threads("torch CPU threads (default 1: these convolutions are too small to gain "
+                       "from more, and on a busy machine extra threads wait on each other)")
     args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 2 if args.quick else 15
-    if args.teacher_epochs is None:
-        args.teacher_epochs = 4 if args.quick else 30
-    if args.seeds is None:
-        args.seeds = [0] if args.quick else [0, 1, 2, 3, 4]
-    for name in ("epochs", "teacher_epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if any(seed < 0 for seed in args.seeds):
-        parser.error("--seeds must be non-negative")
     # The baseline first: every other row is compared with it.
     args.methods = ["student_alone"] + [m for m in dict.fromkeys(args.methods)
                                         if m != "student_alone"]
     return args
 
 
-def summarise(accuracies: List[float]) -> Tuple[float, float]:
-    """Mean and sample standard deviation (0 for one seed)."""
-    mean = statistics.fmean(accuracies)
-    return mean, (statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0)
-
-
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    textbrewer.logs.set_verbosity("warning")  # 7 x seeds runs: keep the console to the table
+    started = common.start(args.threads, quiet=True)  # 7 x seeds runs: the console shows the table
     device = torch.device(args.device)
     data = load_data(args.holdout)
     scored_on = "held-out training images" if args.holdout else "test images"
@@ -347,7 +301,7 @@ def main(argv=None) -> Dict[str, Any]:
     teacher = ConvNet(**TEACHER_CONFIG).to(device)
     train_alone(teacher, data, args, device, args.teacher_epochs, seed=1000,
                 output_dir=os.path.join(args.output_dir, "teacher"))
-    teacher_accuracy = accuracy(teacher, data["eval"], device)
+    teacher_accuracy = common.accuracy(teacher, data["eval"], "images", device)
     print(f"teacher: {teacher_accuracy:.4f}")
 
     accuracies: Dict[str, List[float]] = {method: [] for method in args.methods}
@@ -364,7 +318,7 @@ def main(argv=None) -> Dict[str, Any]:
             else:
                 configs[method] = distil(method, teacher, student, data, args, device, seed,
                                          run_dir).to_dict()
-            accuracies[method].append(accuracy(student, data["eval"], device))
+            accuracies[method].append(common.accuracy(student, data["eval"], "images", device))
             print(f"  seed {seed} {method:<14}{accuracies[method][-1]:.4f}", flush=True)
 
     parameters_S = count_parameters(ConvNet(**STUDENT_CONFIG))
@@ -372,24 +326,21 @@ def main(argv=None) -> Dict[str, Any]:
                                                       "parameters": count_parameters(teacher)}}}
     baseline = accuracies["student_alone"]
     for method in args.methods:
-        mean, std = summarise(accuracies[method])
+        mean, std = common.mean_std(accuracies[method])
         deltas = [a - b for a, b in zip(accuracies[method], baseline)]
         results["models"][method] = {
             "accuracy_mean": mean, "accuracy_std": std, "seeds": list(args.seeds),
             "accuracies": accuracies[method], "parameters": parameters_S,
             "delta_vs_student_alone": statistics.fmean(deltas),
-            "better_tied_worse": [sum(d > 0 for d in deltas), sum(d == 0 for d in deltas),
-                                  sum(d < 0 for d in deltas)],
+            "better_tied_worse": common.better_tied_worse(accuracies[method], baseline),
             "distill_config": configs[method]}
     results["size_ratio"] = results["models"]["teacher"]["parameters"] / parameters_S
     results["configs"] = {"teacher": TEACHER_CONFIG, "student": STUDENT_CONFIG,
                           "image_size": IMAGE_SIZE}
-    results["run"] = {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
-                      "seeds": args.seeds, "methods": args.methods, "lr": args.lr,
-                      "batch_size": args.batch_size, "quick": args.quick,
-                      "holdout": args.holdout, "scored_on": scored_on, "device": str(device),
-                      "textbrewer": textbrewer.__version__, "torch": torch.__version__,
-                      "seconds": round(time.perf_counter() - started, 1)}
+    results["run"] = common.run_record(
+        args, started, ["epochs", "teacher_epochs", "seeds", "methods", "lr", "batch_size",
+                        "quick", "holdout"],
+        settings={"scored_on": scored_on, "device": str(device)}, torch=torch.__version__)
 
     count = len(args.seeds)
     print()
@@ -398,7 +349,7 @@ def main(argv=None) -> Dict[str, Any]:
     print(f"{'teacher':<16}{teacher_accuracy:>24.4f}{'':>12}{'':>19}")
     for method in args.methods:
         row = results["models"][method]
-        spread = f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}"
+        spread = common.pm(row["accuracy_mean"], row["accuracy_std"])
         delta = "" if method == "student_alone" else f"{100 * row['delta_vs_student_alone']:+.2f}"
         wins = "" if method == "student_alone" else "/".join(map(str, row["better_tied_worse"]))
         print(f"{method:<16}{spread:>24}{delta:>12}{wins:>19}")
@@ -406,11 +357,7 @@ def main(argv=None) -> Dict[str, Any]:
           f"{results['models']['teacher']['parameters']:,d} parameters, students "
           f"{parameters_S:,d} ({results['size_ratio']:.1f}x smaller); "
           f"{results['run']['seconds']:.0f} s")
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {path}")
+    print(f"wrote {common.write_results(args.output_dir, results)}")
     return results
 
 

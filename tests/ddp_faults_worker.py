@@ -6,6 +6,10 @@ MODE ``unused``: the student has a parameter its loss does not use (a pooler the
 ignores), as TextBrewer 0.2.1 allowed. ``nan``: only rank 1 sees a NaN input. ``barrier``:
 the callback synchronises the processes inside (an evaluation like 0.2.1's distributed NER
 example's). Each process writes what happened to OUTPUT_DIR/rank{r}.txt.
+
+The worker initialises the process group itself (as 0.2.1 scripts do) and destroys it at
+the end, also after an error; the distiller leaves it alone but drops its DDP wrappers when
+training ends, so destroying the group stops its gloo threads (checked).
 """
 import datetime
 import os
@@ -35,6 +39,17 @@ def adaptor(batch, outputs):
 def main(mode, output_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        run(mode, output_dir)
+    finally:
+        dist.destroy_process_group()
+    from ddp_worker import gloo_threads  # this folder is the script's, first on sys.path
+    if gloo_threads():
+        raise RuntimeError(f"gloo threads still running after destroy_process_group(): "
+                           f"{gloo_threads()}")
+
+
+def run(mode, output_dir):
     rank = dist.get_rank()
     torch.manual_seed(0)
     teacher = nn.Linear(4, 3)
@@ -57,6 +72,8 @@ def main(mode, output_dir):
             distiller.train(torch.optim.SGD(student.parameters(), lr=0.1), data, num_steps=4,
                             callback=callback)
         outcome = f"finished callbacks={calls}"
+        if dist.group.WORLD is None:
+            outcome = "train() destroyed the script's process group"
     except Exception as error:  # the test reads what each process saw
         outcome = f"{type(error).__name__}: {error}"
     with open(os.path.join(output_dir, f"rank{rank}.txt"), "w") as handle:

@@ -7,12 +7,21 @@ MODE ``lm``: CausalLMDistiller on tiny GPT-2 models, uneven lengths, the loss no
 over the accumulation window and the ranks (test_lm_distributed.py).
 MODE ``lm-fsdp2``: the same with teacher and student sharded by FSDP2 (``fully_shard``);
 writes the gathered full student weights to ``OUTPUT_DIR/fsdp2_full.pt``.
+MODE ``lm-fsdp2-cut``: that run, stopped at the first micro-batch after checkpoint 1 (its
+training state written); ``lm-fsdp2-resume``: resumed from it (``resume_from='latest'``)
+to the end, writing ``fsdp2_full.pt`` (test_lm_distributed.py compares it with ``lm-fsdp2``'s).
+
+The distiller initialises the process group and destroys it when training ends; the worker
+checks that it did, and that no gloo thread is left running. Mode ``lm-fsdp2`` gathers the
+weights after training, so it initialises the group itself, as a script that uses the group
+after training does, and destroys it at the end.
 """
 import json
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
@@ -26,6 +35,28 @@ MATCHES = [{"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse
            # features captured by forward hooks on named submodules, under DDP too
            {"module_T": "layers.0", "module_S": "layers.0", "loss": "hidden_mse", "weight": 0.5,
             "proj": ["linear", 8, 16]}]
+
+
+class Interrupted(Exception):
+    """Stops a run half-way (mode lm-fsdp2-cut)."""
+
+
+def gloo_threads():
+    """Names of this process's running gloo threads (Linux; empty where unknown)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as handle:
+                name = handle.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return names
 
 
 def dataset():
@@ -65,7 +96,7 @@ def lm_collate(examples):
     return pad_collate(examples)
 
 
-def build_lm(output_dir, world_size=1, path="fused"):
+def build_lm(output_dir, world_size=1, path="fused", resume_from=None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from textbrewer.distillers import CausalLMDistiller, LMDistillationConfig
@@ -78,7 +109,7 @@ def build_lm(output_dir, world_size=1, path="fused"):
 
     teacher, student = gpt2(2, 32, 1), gpt2(1, 16, 2)
     config = TrainingConfig(device="cpu", output_dir=output_dir, gradient_accumulation_steps=2,
-                            ckpt_frequency=2)
+                            ckpt_frequency=2, resume_from=resume_from)
     distiller = CausalLMDistiller(config, DistillationConfig(temperature=1.0,
                                                              hard_label_weight=0.5),
                                   teacher, student,
@@ -109,10 +140,14 @@ def build_adversarial(output_dir, world_size=1):
 def main(output_dir, mode="general"):
     torch.set_num_threads(1)
     world_size = int(os.environ["WORLD_SIZE"])
-    if mode in ("lm", "lm-fsdp2"):
-        distiller, student, optimizer = build_lm(output_dir, world_size)
+    fsdp2 = mode.startswith("lm-fsdp2")
+    if fsdp2:  # the group is needed after training: the script owns it
+        dist.init_process_group("gloo")
+    if mode == "lm" or fsdp2:
+        distiller, student, optimizer = build_lm(
+            output_dir, world_size, resume_from="latest" if mode == "lm-fsdp2-resume" else None)
         data, collate_fn = lm_dataset(), lm_collate
-        if mode == "lm-fsdp2":
+        if fsdp2:
             from torch.distributed.fsdp import fully_shard
             for model in (distiller.model_T, distiller.model_S):
                 for block in model.transformer.h:
@@ -129,16 +164,40 @@ def main(output_dir, mode="general"):
         distiller, student, optimizer = build_adversarial(output_dir, world_size)
         data, collate_fn = dataset(), None
     else:
-        raise ValueError(f"unknown mode {mode!r}; expected 'general', 'lm', 'lm-fsdp2' or 'adversarial'")
+        raise ValueError(f"unknown mode {mode!r}; expected 'general', 'lm', 'lm-fsdp2', "
+                         f"'lm-fsdp2-cut', 'lm-fsdp2-resume' or 'adversarial'")
     rank = distiller.runtime.rank
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=False)
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // world_size, sampler=sampler,
                         collate_fn=collate_fn)
-    calls = []
-    with distiller:
-        distiller.train(optimizer, loader, num_epochs=2, max_grad_norm=1.0,
-                        callback=lambda model, step: calls.append(step))
-    if mode == "lm-fsdp2":
+    calls, wrapped = [], []
+
+    def callback(model, step):
+        calls.append(step)
+        wrapped.append(type(distiller._trainable).__name__)
+
+    if mode == "lm-fsdp2-cut":
+        finished = os.path.join(output_dir, "gs1.train_state.pt")
+
+        def stop_after_checkpoint(module, args, kwargs):
+            if os.path.exists(finished):  # every rank: the write ends in a collective
+                raise Interrupted
+
+        student.register_forward_pre_hook(stop_after_checkpoint, with_kwargs=True)
+    try:
+        with distiller:
+            distiller.train(optimizer, loader, num_epochs=2, max_grad_norm=1.0,
+                            callback=callback)
+    except Interrupted:
+        dist.destroy_process_group()
+        return
+    if not fsdp2:
+        # the distiller made the group: it is gone, and its threads with it
+        if dist.is_initialized():
+            raise RuntimeError("train() left the process group it initialised")
+        if gloo_threads():
+            raise RuntimeError(f"gloo threads still running after train(): {gloo_threads()}")
+    if fsdp2:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_model_state_dict)
         full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True,
@@ -147,8 +206,9 @@ def main(output_dir, mode="general"):
             torch.save(full, os.path.join(output_dir, "fsdp2_full.pt"))
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as handle:
         json.dump({"rank": rank, "world_size": distiller.runtime.world_size, "callbacks": calls,
-                   "wrapped": type(distiller._trainable).__name__}, handle)
-    torch.distributed.destroy_process_group()
+                   "wrapped": wrapped[0] if wrapped else None}, handle)
+    if fsdp2:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 cycle, projections, DynamicKeyDict, ...) and textbrewer.utils' cycle, initializer_builder
 and LayerNode.
 
-With ``TEXTBREWER021_SRC`` pointing at the original's ``src/textbrewer`` folder, the
-original's presets namespace is read from its sources and its utils.py is loaded by path
-(it imports only torch) to compare LayerNode tables, cycle and initializer_builder.
+With ``TEXTBREWER_POST1_SRC`` (or ``TEXTBREWER021_SRC``) pointing at the original's
+``src/textbrewer`` folder, the original's presets namespace is read from its sources and
+its utils.py is loaded by path (it imports only torch) to compare LayerNode tables, cycle
+and initializer_builder.
 """
 import ast
 import importlib.util
@@ -21,7 +22,8 @@ from textbrewer import losses, presets, projections, schedulers, utils
 from textbrewer.presets import DynamicKeyDict
 from textbrewer.utils import LayerNode, cycle, initializer_builder
 
-ORIGINAL_SRC = os.environ.get("TEXTBREWER021_SRC")
+# the files read here are the same in 0.2.1.post1 (the reference) and 0.2.1
+ORIGINAL_SRC = os.environ.get("TEXTBREWER_POST1_SRC") or os.environ.get("TEXTBREWER021_SRC")
 PACKAGE_DIR = os.path.dirname(os.path.abspath(textbrewer.__file__))
 
 LOSS_NAMES = ["kd_mse_loss", "kd_ce_loss", "att_mse_loss", "att_mse_sum_loss", "att_ce_loss",
@@ -87,7 +89,7 @@ def _top_level_names(path):
 
 def test_every_public_name_of_textbrewer021_presets_resolves():
     if not ORIGINAL_SRC:
-        pytest.skip("TEXTBREWER021_SRC is not set")
+        pytest.skip("neither TEXTBREWER_POST1_SRC nor TEXTBREWER021_SRC is set")
     names, star_modules = _top_level_names(os.path.join(ORIGINAL_SRC, "presets.py"))
     for module in star_modules:  # 'losses', 'schedulers' (no __all__ there)
         names |= _top_level_names(os.path.join(ORIGINAL_SRC, module + ".py"))[0]
@@ -131,7 +133,7 @@ def test_dynamic_key_dict_builds_our_temperature_schedules():
 
 def test_dynamic_key_dict_like_textbrewer021():
     if not ORIGINAL_SRC:
-        pytest.skip("TEXTBREWER021_SRC is not set")
+        pytest.skip("neither TEXTBREWER_POST1_SRC nor TEXTBREWER021_SRC is set")
     with open(os.path.join(ORIGINAL_SRC, "presets.py"), encoding="utf-8") as handle:
         tree = ast.parse(handle.read())
     class_def = next(n for n in tree.body
@@ -310,7 +312,7 @@ def test_layer_node_format_table():
 @pytest.fixture(scope="module")
 def original_utils():
     if not ORIGINAL_SRC:
-        pytest.skip("TEXTBREWER021_SRC is not set")
+        pytest.skip("neither TEXTBREWER_POST1_SRC nor TEXTBREWER021_SRC is set")
     spec = importlib.util.spec_from_file_location("textbrewer021_utils",
                                                   os.path.join(ORIGINAL_SRC, "utils.py"))
     module = importlib.util.module_from_spec(spec)

@@ -1,6 +1,7 @@
 """The documentation's code runs: the custom distiller of docs/custom_distiller.md."""
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -62,3 +63,26 @@ def test_custom_distiller_adds_the_cosine_term(cosine_distiller_class, tmp_path)
     torch.testing.assert_close(total.detach(), (parts["unweighted_kd_loss"] +
                                                 parts["unweighted_hard_label_loss"] +
                                                 0.5 * expected).detach())
+
+
+def _python_sources():
+    root = os.path.dirname(DOCS)
+    for folder in ("textbrewer", "examples", "benchmarks", "tests"):
+        for directory, _, names in os.walk(os.path.join(root, folder)):
+            for name in sorted(names):
+                if name.endswith(".py"):
+                    yield os.path.join(directory, name)
+
+
+def test_no_source_compiles_with_a_warning():
+    """An invalid escape in a docstring (``'\\*'``) warns at every first import
+    (a DeprecationWarning up to Python 3.11, a SyntaxWarning from 3.12)."""
+    sources = list(_python_sources())
+    assert len(sources) > 50
+    for path in sources:
+        with open(path, encoding="utf-8") as handle:
+            source = handle.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SyntaxWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            compile(source, path, "exec", dont_inherit=True)

@@ -18,8 +18,8 @@ from torch.testing import assert_close
 
 import textbrewer  # noqa: F401  (fills the registries)
 from textbrewer.losses import (CRDLoss, VIDLoss, attention_transfer_loss, bce_loss, cc_loss,
-                               dist_loss, dkd_loss, fitnet_loss, jsd_loss, kd_kl_loss,
-                               logit_standardization, pkt_loss, reverse_kl_loss,
+                               dist_loss, dkd_loss, fitnet_loss, kd_jsd_loss, kd_kl_loss,
+                               kd_reverse_kl_loss, logit_standardization, pkt_loss,
                                rkd_angle_loss, rkd_distance_loss, sp_loss)
 from textbrewer.registry import (KD_LOSSES, LOSS_MODULES, MATCH_LOSSES, PROJECTIONS,
                                  WEIGHT_SCHEDULERS, RegistryError)
@@ -147,7 +147,7 @@ def _zscore(row):
 
 # ============================================================ reverse KL, JSD, BCE
 @pytest.mark.parametrize("loss_fn, reference", [
-    (reverse_kl_loss, _ref_reverse_kl), (jsd_loss, _ref_jsd), (bce_loss, _ref_bce)],
+    (kd_reverse_kl_loss, _ref_reverse_kl), (kd_jsd_loss, _ref_jsd), (bce_loss, _ref_bce)],
     ids=["reverse_kl", "jsd", "bce"])
 class TestAgainstLoops:
     def test_2d_float_temperature(self, loss_fn, reference):
@@ -168,17 +168,18 @@ class TestAgainstLoops:
 
 def test_reverse_kl_is_kl_with_the_sides_swapped():
     logits_S, logits_T = _randn(6, 4, seed=5), _randn(6, 4, seed=6)
-    assert_close(reverse_kl_loss(logits_S, logits_T, 2.0), kd_kl_loss(logits_T, logits_S, 2.0))
+    assert_close(kd_reverse_kl_loss(logits_S, logits_T, 2.0),
+                 kd_kl_loss(logits_T, logits_S, 2.0))
 
 
 def test_jsd_is_symmetric_and_bounded_by_tau_squared_ln2():
     logits_S, logits_T = _randn(6, 4, seed=7), _randn(6, 4, seed=8)
-    assert_close(jsd_loss(logits_S, logits_T, 2.0), jsd_loss(logits_T, logits_S, 2.0))
+    assert_close(kd_jsd_loss(logits_S, logits_T, 2.0), kd_jsd_loss(logits_T, logits_S, 2.0))
     # disjoint supports: JSD = ln 2 exactly
     far_S = torch.tensor([[100.0, -100.0]], dtype=DOUBLE)
     far_T = torch.tensor([[-100.0, 100.0]], dtype=DOUBLE)
-    assert_close(jsd_loss(far_S, far_T, 1.0), _scalar(math.log(2)))
-    assert jsd_loss(far_S * 50, far_T * 50, 3.0) <= 9 * math.log(2) + 1e-9
+    assert_close(kd_jsd_loss(far_S, far_T, 1.0), _scalar(math.log(2)))
+    assert kd_jsd_loss(far_S * 50, far_T * 50, 3.0) <= 9 * math.log(2) + 1e-9
 
 
 def test_bce_is_minimal_at_the_teacher():
@@ -339,8 +340,8 @@ class TestLogitStandardization:
         assert_close(loss_fn(logits_S * scale + shift, logits_T),
                      loss_fn(logits_S, logits_T))
         # whereas plain reverse KL changes
-        assert not torch.allclose(reverse_kl_loss(logits_S * scale + shift, logits_T, 1.0),
-                                  reverse_kl_loss(logits_S, logits_T, 1.0))
+        assert not torch.allclose(kd_reverse_kl_loss(logits_S * scale + shift, logits_T, 1.0),
+                                  kd_reverse_kl_loss(logits_S, logits_T, 1.0))
 
     def test_wraps_dkd_and_passes_labels(self):
         logits_S, logits_T = _randn(4, 5, seed=8), _randn(4, 5, seed=9)

@@ -325,7 +325,7 @@ def test_on_policy_generation_is_reproducible_and_explicit(tmp_path):
     d = distiller(teacher, student, tmp_path, greedy)
     generated = d.generated_batch(student, batch, seed=0)
     prompts = [batch["input_ids"][row, :n] for row, n in enumerate([2, 1, 2])]
-    plain = d._sample_loop(student, prompts, with_mask=True)
+    plain = d.sampler.sample_loop(student, prompts, with_mask=True)
     for row, prompt in enumerate(prompts):
         assert torch.equal(generated["input_ids"][row, len(prompt):len(prompt) + 4], plain[row])
 
@@ -335,7 +335,7 @@ def test_eos_ends_a_generation_and_later_tokens_are_not_targets(tmp_path):
                   LMDistillationConfig(lmbda=1.0, max_new_tokens=4))
     new = torch.tensor([[5, 1, 7, 8], [5, 6, 7, 8]])
     d.lm_config = dataclass_replace(d.lm_config, eos_token_id=1)
-    assert d._cut_after_eos(new).tolist() == [2, 4]
+    assert d.sampler.cut_after_eos(new).tolist() == [2, 4]
 
 
 def dataclass_replace(config, **changes):

@@ -82,14 +82,26 @@ def _has_fsdp2():
     return True
 
 
-@pytest.mark.skipif(not _has_fsdp2(),
-                    reason="FSDP2 (torch.distributed.fsdp.fully_shard) is not available")
-def test_fsdp2_sharded_teacher_and_student_equal_one_process(tmp_path):
+needs_fsdp2 = pytest.mark.skipif(not _has_fsdp2(),
+                                 reason="FSDP2 (torch.distributed.fsdp.fully_shard) is not "
+                                        "available")
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    """The uninterrupted 2-process FSDP2 run's folder."""
+    folder = tmp_path_factory.mktemp("fsdp2")
+    _torchrun(folder, "lm-fsdp2")
+    return folder
+
+
+@needs_fsdp2
+def test_fsdp2_sharded_teacher_and_student_equal_one_process(tmp_path, fsdp2_run):
     """FSDP2 on both models, fused path: the gathered student equals the one-process run,
     and so does every gs{N}.pkl (written unsharded: the runtime skips DDP for a sharded
     student and gathers its state dict for checkpoints)."""
     ddp_worker = _worker()
-    _torchrun(tmp_path / "fsdp2", "lm-fsdp2")
+    (tmp_path / "fsdp2").symlink_to(fsdp2_run, target_is_directory=True)
     student = _single_process(ddp_worker, tmp_path / "single")
     full = torch.load(tmp_path / "fsdp2" / "fsdp2_full.pt", weights_only=True)
     reference = student.state_dict()
@@ -111,3 +123,25 @@ def test_fsdp2_sharded_teacher_and_student_equal_one_process(tmp_path):
     reference_state = torch.load(tmp_path / "single" / f"{saved[-1][:-4]}.train_state.pt",
                                  weights_only=True)
     assert len(state["optimizer"]["state"]) == len(reference_state["optimizer"]["state"])
+
+
+@needs_fsdp2
+def test_fsdp2_resume_equals_the_uninterrupted_run(tmp_path, fsdp2_run):
+    """Stopped after checkpoint 1 (mid-epoch) and resumed with resume_from='latest' by two
+    new processes: the gathered student and every later checkpoint equal the uninterrupted
+    FSDP2 run's, bit for bit (same processes, same shards, same order of operations)."""
+    _torchrun(tmp_path, "lm-fsdp2-cut")
+    assert sorted(p.name for p in tmp_path.glob("gs*")) == ["gs1.pkl", "gs1.train_state.pt"]
+    assert not (tmp_path / "fsdp2_full.pt").exists()
+    _torchrun(tmp_path, "lm-fsdp2-resume")
+    resumed = torch.load(tmp_path / "fsdp2_full.pt", weights_only=True)
+    reference = torch.load(fsdp2_run / "fsdp2_full.pt", weights_only=True)
+    assert sorted(resumed) == sorted(reference)
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    for name in ("gs2.pkl", "gs3.pkl", "gs4.pkl"):
+        ours = torch.load(tmp_path / name, weights_only=True)
+        theirs = torch.load(fsdp2_run / name, weights_only=True)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["callbacks"] for r in ranks] == [[2, 3, 4], [2, 3, 4]]

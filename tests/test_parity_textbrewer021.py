@@ -1,15 +1,25 @@
-"""Parity with HFL's TextBrewer 0.2.1: the same run gives the same student.
+"""Parity with HFL's TextBrewer as users install it: the same run gives the same student.
 
-Skipped unless ``TEXTBREWER021_SRC`` points at the original's ``src/textbrewer`` folder::
+The reference is **0.2.1.post1**, the release ``pip install textbrewer`` gives. It differs
+from 0.2.1 in one line of code: GeneralDistiller (and MultiTaskDistiller, which inherits
+it) sums the KD loss over every logits head, where 0.2.1 kept the last head's only. Every
+case runs against post1; the two-head cases also run against 0.2.1 with
+``kd_over_heads='last'`` (docs/differences.md).
 
-    pip download textbrewer==0.2.1 --no-deps && tar xzf textbrewer-0.2.1.tar.gz
+Skipped unless ``TEXTBREWER_POST1_SRC`` (and, for the 0.2.1 cases, ``TEXTBREWER021_SRC``)
+point at the originals' ``src/textbrewer`` folders::
+
+    pip download textbrewer==0.2.1.post1 --no-deps --no-binary :all:
+    pip download textbrewer==0.2.1 --no-deps --no-binary :all:
+    tar xzf textbrewer-0.2.1.post1.tar.gz && tar xzf textbrewer-0.2.1.tar.gz
+    TEXTBREWER_POST1_SRC=$PWD/textbrewer-0.2.1.post1/src/textbrewer \
     TEXTBREWER021_SRC=$PWD/textbrewer-0.2.1/src/textbrewer \
         python -m pytest tests/test_parity_textbrewer021.py -s
 
-The original is imported under the name ``textbrewer_orig`` (its relative imports allow
-that) and is never modified. Each case trains deep copies of the same tiny models on CPU,
-once with each library, under the same seeds (dropout on in the student, shuffling
-dataloaders), and compares:
+The originals are imported under the names ``textbrewer_post1`` and ``textbrewer_v021``
+(their relative imports allow that) and are never modified. Each case trains deep copies
+of the same tiny models on CPU, once with each library, under the same seeds (dropout on in
+the student, shuffling dataloaders), and compares:
 
 - the final student weights (and the projections'), bit for bit;
 - the batches the student saw, in order;
@@ -44,13 +54,22 @@ import torch
 import textbrewer
 from textbrewer.testing import TinyTransformer, make_classification_data, tiny_adaptor
 
-_SRC = os.environ.get("TEXTBREWER021_SRC")
-_HOW = ("TextBrewer 0.2.1 parity: set TEXTBREWER021_SRC to the original's src/textbrewer "
-        "folder (get it with `pip download textbrewer==0.2.1 --no-deps` and unpack the "
-        "sdist: tar xzf textbrewer-0.2.1.tar.gz)")
+_ORIGINALS = {
+    # version: (environment variable, module name, the sdist to unpack)
+    "0.2.1.post1": ("TEXTBREWER_POST1_SRC", "textbrewer_post1", "textbrewer-0.2.1.post1.tar.gz"),
+    "0.2.1": ("TEXTBREWER021_SRC", "textbrewer_v021", "textbrewer-0.2.1.tar.gz"),
+}
 
-pytestmark = pytest.mark.skipif(
-    not _SRC or not os.path.isfile(os.path.join(_SRC, "__init__.py")), reason=_HOW)
+
+def _original_source(version: str) -> Optional[str]:
+    variable, _, sdist = _ORIGINALS[version]
+    path = os.environ.get(variable)
+    if not path or not os.path.isfile(os.path.join(path, "__init__.py")):
+        pytest.skip(f"TextBrewer {version} parity: set {variable} to the original's "
+                    f"src/textbrewer folder (get it with `pip download textbrewer=={version} "
+                    f"--no-deps --no-binary :all:` and unpack the sdist: tar xzf {sdist})")
+    return path
+
 
 TOLERANCE = dict(atol=0, rtol=0)  # bit for bit
 VOCAB, LENGTH = 12, 6
@@ -68,8 +87,9 @@ class _NoSummaryWriter:
         pass
 
 
-def _load_original(path: str) -> types.ModuleType:
-    name = "textbrewer_orig"
+def _load_original(version: str) -> types.ModuleType:
+    path = _original_source(version)
+    name = _ORIGINALS[version][1]
     if name in sys.modules:
         return sys.modules[name]
     stubbed = False
@@ -98,14 +118,23 @@ def _load_original(path: str) -> types.ModuleType:
         sys.dont_write_bytecode = dont_write
         if stubbed:
             del sys.modules["tensorboardX"]
-    if module.__version__ != "0.2.1":
-        pytest.fail(f"TEXTBREWER021_SRC={path!r} holds TextBrewer {module.__version__}, not 0.2.1")
+    if module.__version__ != version:
+        del sys.modules[name]
+        pytest.fail(f"{_ORIGINALS[version][0]}={path!r} holds TextBrewer "
+                    f"{module.__version__}, not {version}")
     return module
 
 
 @pytest.fixture(scope="module")
 def orig():
-    return _load_original(_SRC)
+    """TextBrewer 0.2.1.post1, the reference."""
+    return _load_original("0.2.1.post1")
+
+
+@pytest.fixture(scope="module")
+def orig021():
+    """TextBrewer 0.2.1, for the cases that differ between the two releases."""
+    return _load_original("0.2.1")
 
 
 # ---------------------------------------------------------------- models, data, adaptors
@@ -234,6 +263,7 @@ class Case:
     batch_form: str = "dict"  # 'dict', 'teacher_student', 'teacher_cache' or 'tuple'
     unsized: Any = False  # wrap the dataloader (or these tasks' ones) in _Unsized
     postprocess: Any = None  # batch_postprocessor (a dict task -> one for multitask)
+    ours_only: Dict[str, Any] = field(default_factory=dict)  # DistillationConfig keys of ours
 
 
 @dataclass
@@ -253,7 +283,7 @@ def _projections(lib_name: str, distiller) -> List[Dict[str, torch.Tensor]]:
 
 def _run(lib, lib_name: str, case: Case, mode: Dict[str, Any], models: Dict[str, Any],
          out_dir: str) -> RunResult:
-    """Trains deep copies of ``models`` with ``lib`` (textbrewer or textbrewer_orig)."""
+    """Trains deep copies of ``models`` with ``lib`` (textbrewer or an original)."""
     models = copy.deepcopy(models)
     student = models["student"]
     seen: List[tuple] = []
@@ -285,7 +315,10 @@ def _run(lib, lib_name: str, case: Case, mode: Dict[str, Any], models: Dict[str,
     if case.kind == "trainer":
         distiller = lib.BasicTrainer(train_config, student, case.adaptor_S)
     else:
-        distill_config = lib.DistillationConfig(**copy.deepcopy(case.distill))
+        distill = copy.deepcopy(case.distill)
+        if lib is textbrewer:
+            distill.update(case.ours_only)
+        distill_config = lib.DistillationConfig(**distill)
         classes = {"basic": lib.BasicDistiller, "general": lib.GeneralDistiller,
                    "multiteacher": lib.MultiTeacherDistiller,
                    "multitask": lib.MultiTaskDistiller}
@@ -360,7 +393,7 @@ def _check_parity(orig, case: Case, mode: Dict[str, Any], tmp_path, case_id: str
     for ours_proj, theirs_proj in zip(ours.projections, theirs.projections):
         difference = max(difference, _max_abs_difference(ours_proj, theirs_proj))
     names = sorted(ours.checkpoints, key=lambda name: int(name[2:-4]))
-    print(f"\n[parity] {case_id}: max |ours - 0.2.1| = {difference:.3g} over "
+    print(f"\n[parity] {case_id}: max |ours - {orig.__version__}| = {difference:.3g} over "
           f"{len(ours.seen)} student forwards, checkpoints {names}")
 
     torch.testing.assert_close(ours.student, theirs.student, **TOLERANCE)
@@ -503,9 +536,7 @@ GENERAL_CASES = {
         _match(2, 1, "pkd", proj=["linear", 8, 16])]),
         TRAIN, adaptor_T=unmasked_adaptor, adaptor_S=unmasked_adaptor),
     # temperature schedule and probability shift in GeneralDistiller's own KD block
-    # 0.2.1 keeps only the last head's KD loss in GeneralDistiller (kd_over_heads='compatible')
-    "two_heads": Case("general", dict(temperature=2), TRAIN,
-                      adaptor_T=two_heads_adaptor, adaptor_S=two_heads_adaptor),
+    # (two logits heads: TWO_HEAD_CASES, below, against both releases)
     "flsw_probability_shift": Case("general", dict(
         temperature=2, temperature_scheduler=["flsw", 1, 2], probability_shift=True,
         intermediate_matches=[_match(1, 0, "attention_mse", "attention"),
@@ -660,6 +691,55 @@ def test_textbrewer021_style_subclass(orig, tmp_path, mode):
     _check_parity(orig, case, mode, tmp_path, f"0.2.1-style subclass/{_mode_name(mode)}")
 
 
+# ---------------------------------------------------------------- 0.2.1 (before post1)
+# The one line of code that changed between the releases: 0.2.1's GeneralDistiller kept the
+# last logits head's KD loss only. kd_over_heads='last' reproduces it; the default sums
+# (0.2.1.post1), which must train another student than 0.2.1 on the same two-head run.
+TWO_HEAD_CASES = {
+    "general": Case("general", dict(temperature=2), TRAIN,
+                    adaptor_T=two_heads_adaptor, adaptor_S=two_heads_adaptor),
+    "general_matches_flsw": Case("general", dict(
+        temperature=2, temperature_scheduler=["flsw", 1, 2], **SCHEDULED,
+        intermediate_matches=[_match(2, 1, "hidden_mse", proj=["linear", 8, 16])]), ACCUMULATE,
+        adaptor_T=two_heads_adaptor, adaptor_S=two_heads_adaptor, max_grad_norm=0.5),
+    "multitask": Case(
+        "multitask", dict(temperature=2, hard_label_weight=0.5), {"ckpt_steps": 3},
+        adaptor_T={"a": two_heads_adaptor, "b": two_heads_adaptor},
+        adaptor_S={"a": two_heads_adaptor, "b": two_heads_adaptor},
+        num_examples={"a": 20, "b": 12}),
+}
+
+
+def _two_head_mode(case: Case) -> Dict[str, Any]:
+    return STEPS if case.kind == "multitask" else EPOCHS
+
+
+@pytest.mark.parametrize("name", sorted(TWO_HEAD_CASES))
+def test_two_heads_match_post1_by_default(orig, tmp_path, name):
+    case = TWO_HEAD_CASES[name]
+    _check_parity(orig, case, _two_head_mode(case), tmp_path, f"two heads/{name}/post1")
+
+
+@pytest.mark.parametrize("name", sorted(TWO_HEAD_CASES))
+def test_two_heads_match_021_with_kd_over_heads_last(orig021, tmp_path, name):
+    case = copy.copy(TWO_HEAD_CASES[name])
+    case.ours_only = {"kd_over_heads": "last"}
+    _check_parity(orig021, case, _two_head_mode(case), tmp_path, f"two heads/{name}/0.2.1")
+
+
+@pytest.mark.parametrize("name", sorted(TWO_HEAD_CASES))
+def test_two_heads_default_differs_from_021(orig021, tmp_path, name):
+    """The release difference is real: the default (post1's sum) is not 0.2.1's student."""
+    case = TWO_HEAD_CASES[name]
+    models = _build_models(case)
+    theirs = _run(orig021, "orig", case, _two_head_mode(case), models, str(tmp_path / "orig"))
+    ours = _run(textbrewer, "ours", case, _two_head_mode(case), models, str(tmp_path / "ours"))
+    assert ours.seen == theirs.seen[:len(ours.seen)]
+    difference = _max_abs_difference(ours.student, theirs.student)
+    print(f"\n[parity] two heads/{name}: max |ours (sum) - 0.2.1| = {difference:.3g}")
+    assert difference > 1e-4
+
+
 # ---------------------------------------------------------------- where we differ on purpose
 DOCUMENTED_DIFFERENCES = {
     # the original swaps with the last class where the label is -1
@@ -680,5 +760,6 @@ def test_documented_differences_are_real(orig, tmp_path, name):
     assert ours.seen == theirs.seen
     assert sorted(ours.checkpoints) == sorted(theirs.checkpoints)
     difference = _max_abs_difference(ours.student, theirs.student)
-    print(f"\n[parity] documented difference {name}: max |ours - 0.2.1| = {difference:.3g}")
+    print(f"\n[parity] documented difference {name}: max |ours - {orig.__version__}| = "
+          f"{difference:.3g}")
     assert difference > 1e-4

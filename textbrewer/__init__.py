@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError
 from .distillers.engine import Phase
 from .distillers.lm import CausalLMDistiller, LMDistillationConfig, Seq2SeqLMDistiller
 from .logs import NonFiniteLossError, set_verbosity
-from .distillers.sources import EmptyDataError
+from .training.sources import EmptyDataError
 from .losses.token import TokenDistillationLoss
 from .registry import RegistryError
 

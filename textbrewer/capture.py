@@ -38,6 +38,14 @@ def first_tensor(value: Any) -> torch.Tensor:
     raise TypeError(f"no tensor in a captured {type(value).__name__}")
 
 
+def _summary(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {list(value)[:8]}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {[type(v).__name__ for v in value][:8]}"
+    return f"a {type(value).__name__}"
+
+
 class ModuleCapture:
     """Forward hooks on named submodules of ``model``, recording their outputs (or inputs).
 
@@ -62,6 +70,10 @@ class ModuleCapture:
                  role: str = "model"):
         if what not in CAPTURE_CHOICES:
             raise ValueError(f"what must be one of {list(CAPTURE_CHOICES)}, got {what!r}")
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"names must be a list of submodule names, e.g. "
+                            f"[{names if isinstance(names, str) else 'layer3'!r}], got "
+                            f"{type(names).__name__} {names!r}")
         modules = dict(model.named_modules())
         for name in names:
             if name not in modules:
@@ -129,4 +141,11 @@ class ModuleCapture:
             raise KeyError(f"the {self.role}'s module {name!r} did not run during the forward "
                            f"pass (captured: {sorted(self._values)})" if name in self._modules
                            else f"{name!r} is not captured (captured names: {self.names})")
-        return first_tensor(self._values[name])
+        try:
+            return first_tensor(self._values[name])
+        except TypeError:
+            raise TypeError(f"the {self.role}'s module {name!r} "
+                            f"({type(self._modules[name]).__name__}) gave no tensor as its "
+                            f"{self.what} (it was {_summary(self._values[name])}); match "
+                            f"another module, or the other of capture='output' / 'input'"
+                            ) from None

@@ -11,13 +11,14 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 import torch
 
 from .capture import CAPTURE_CHOICES
-from .presets import FEATURES
+from .presets import FEATURES, MATCHES
 from .registry import (KD_LOSSES, LOSS_MODULES, MATCH_LOSSES, PROJECTIONS,
                        TEMPERATURE_SCHEDULERS, WEIGHT_SCHEDULERS)
 
@@ -25,7 +26,9 @@ __all__ = ["Config", "TrainingConfig", "DistillationConfig", "IntermediateMatch"
            "MIXED_PRECISION_CHOICES"]
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
-KD_OVER_HEADS_CHOICES = ("compatible", "sum")
+KD_OVER_HEADS_CHOICES = ("sum", "last")
+#: our 0.3.0 name of ``'last'`` (then the default), still accepted with a warning
+KD_OVER_HEADS_ALIASES = {"compatible": "last"}
 ConfigT = TypeVar("ConfigT", bound="Config")
 
 
@@ -217,7 +220,10 @@ class TrainingConfig(Config):
             if isinstance(value, str) and not value.strip():
                 raise ValueError(f"{name}={value!r} is not a folder"
                                  + ("; use log_dir=None to turn TensorBoard off"
-                                    if name == "log_dir" else ""))
+                                    if name == "log_dir" else
+                                    "; give the folder for the gs{N}.pkl checkpoints, e.g. "
+                                    "output_dir='./saved_models' (the default), or "
+                                    "output_dir='.' for the current folder"))
 
 
 _RELATION_LOSSES = ("fsp", "gram", "mmd", "nst", "mmd_normalized", "nst_normalized")
@@ -395,7 +401,29 @@ def _check_schedule(name: str, spec: Any, registry) -> None:
     try:
         registry.validate(spec)
     except KeyError as error:
-        raise ValueError(f"{name}: {error} (or 'none')") from None
+        named = "takes parameters" in str(error) or str(error).startswith("unknown")
+        raise ValueError(f"{name}: {error}" + (" (or 'none')" if named else "")) from None
+    if isinstance(spec, (list, tuple)) and registry.is_builder(spec[0]):
+        try:  # builders are pure: building now reports bad parameter values up front
+            registry.resolve(spec)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name}={list(spec)!r}: {error}") from None
+
+
+def _check_matches_list(matches: Any) -> None:
+    """``intermediate_matches`` must be a list (or tuple) of dicts / IntermediateMatch."""
+    if matches is None or isinstance(matches, (list, tuple)):
+        return
+    given = f"{type(matches).__name__} {matches!r}"
+    if len(given) > 200:
+        given = given[:200] + " ..."
+    hint = ""
+    if isinstance(matches, (dict, IntermediateMatch)):
+        hint = "; wrap a single match in a list: intermediate_matches=[{...}]"
+    elif isinstance(matches, str) and matches in MATCHES:
+        hint = f"; for the preset, write intermediate_matches=textbrewer.MATCHES[{matches!r}]"
+    raise ValueError(f"intermediate_matches must be a list of dicts (or IntermediateMatch), "
+                     f"one per match, got a {given}{hint}")
 
 
 @dataclass
@@ -420,11 +448,13 @@ class DistillationConfig(Config):
             ``layer_T, layer_S, feature, loss, weight, proj``.
         is_caching_logits: BasicDistiller and MultiTeacherDistiller, epoch mode: run the
             teacher once over the data and reuse its logits every epoch.
-        kd_over_heads: with several logits heads, ``'compatible'`` (default) reproduces
-            TextBrewer 0.2.1: GeneralDistiller and MultiTaskDistiller keep only the LAST
-            head's KD loss unless ``probability_shift`` is on (a bug every published
-            two-head recipe, e.g. span extraction, was tuned with), the other distillers
-            sum over heads; ``'sum'`` sums the KD loss over heads in every distiller.
+        kd_over_heads: with several logits heads, ``'sum'`` (default) sums the KD loss
+            over every head in every distiller, as TextBrewer 0.2.1.post1 (the release
+            ``pip install textbrewer`` gives) does; ``'last'`` reproduces TextBrewer 0.2.1,
+            whose GeneralDistiller and MultiTaskDistiller keep only the LAST head's KD loss
+            unless ``probability_shift`` is on (the other distillers sum in both releases).
+            ``'compatible'``, this option's name in textbrewer 0.3.0, means ``'last'``
+            (deprecated).
     """
 
     temperature: float = 4
@@ -437,9 +467,16 @@ class DistillationConfig(Config):
     probability_shift: bool = False
     intermediate_matches: Optional[List[Union[Dict[str, Any], IntermediateMatch]]] = None
     is_caching_logits: bool = False
-    kd_over_heads: str = "compatible"
+    kd_over_heads: str = "sum"
 
     def __post_init__(self) -> None:
+        if self.kd_over_heads in KD_OVER_HEADS_ALIASES:
+            replacement = KD_OVER_HEADS_ALIASES[self.kd_over_heads]
+            warnings.warn(f"kd_over_heads={self.kd_over_heads!r} is deprecated: it means "
+                          f"kd_over_heads={replacement!r} (TextBrewer 0.2.1's last head only); "
+                          f"the default is now 'sum', as TextBrewer 0.2.1.post1",
+                          DeprecationWarning, stacklevel=3)
+            self.kd_over_heads = replacement
         if self.kd_over_heads not in KD_OVER_HEADS_CHOICES:
             raise ValueError(f"kd_over_heads must be one of {list(KD_OVER_HEADS_CHOICES)}, got "
                              f"{self.kd_over_heads!r}")
@@ -469,6 +506,7 @@ class DistillationConfig(Config):
         _check_schedule("kd_loss_weight_scheduler", self.kd_loss_weight_scheduler,
                         WEIGHT_SCHEDULERS)
         matches = []
+        _check_matches_list(self.intermediate_matches)
         for index, match in enumerate(self.intermediate_matches or []):
             try:
                 if isinstance(match, IntermediateMatch):

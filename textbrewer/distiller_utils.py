@@ -27,7 +27,7 @@ from .distillers.composer import probability_shift_, select_logits_with_mask  # 
 from .distillers.engine import (ACTIVE_STUDENT_FORWARDS, AbstractDistiller,  # noqa: F401
                                 forward_model, no_op, split_batch)
 from .distillers.general import CustomMatch  # noqa: F401
-from .distillers.runtime import move_to_device  # noqa: F401
+from .training.runtime import move_to_device  # noqa: F401
 from .logs import logger  # noqa: F401
 from .presets import *  # noqa: F401,F403
 from .presets import ADAPTOR_KEYS, FEATURES  # noqa: F401
@@ -44,14 +44,14 @@ class DistillationContext:
         self.model_T = None
 
     def __enter__(self):
-        from .distillers.engine import _set_modes
-        self._context_modes = (_set_modes(self.model_T, False), _set_modes(self.model_S, True))
+        from .training.batches import set_modes
+        self._context_modes = (set_modes(self.model_T, False), set_modes(self.model_S, True))
         return self
 
     def __exit__(self, exc_type, exc_val, exc_tb):
-        from .distillers.engine import _restore_modes
-        _restore_modes(self.model_T, self._context_modes[0])
-        _restore_modes(self.model_S, self._context_modes[1])
+        from .training.batches import restore_modes
+        restore_modes(self.model_T, self._context_modes[0])
+        restore_modes(self.model_S, self._context_modes[1])
 
 
 class BasicAdaptor:

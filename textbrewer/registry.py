@@ -10,6 +10,7 @@ written ``['flsw', beta, gamma]`` and :meth:`Registry.resolve` calls the builder
 from __future__ import annotations
 
 import difflib
+import inspect
 import warnings
 from collections.abc import MutableMapping
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -150,6 +151,37 @@ class Registry(MutableMapping):
         if self.is_builder(name) and not params:
             raise RegistryError(f"{self.kind} {name!r} takes parameters: write it as "
                                 f"[{name!r}, param, ...]")
+        if self.is_builder(name):
+            self._check_parameters(name, params)
+
+    def usage(self, name: str) -> str:
+        """How a builder is written in a config, e.g. ``['flsw', beta, gamma]`` (its
+        parameters without defaults; ``[name, param, ...]`` when they cannot be read)."""
+        try:
+            parameters = inspect.signature(self._entries[name]).parameters.values()
+        except (TypeError, ValueError):
+            return f"[{name!r}, param, ...]"
+        required = [p.name for p in parameters if p.default is p.empty
+                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return "[" + ", ".join([repr(name)] + required) + "]"
+
+    def _check_parameters(self, name: str, params: Sequence[Any]) -> None:
+        """Raises :class:`RegistryError` when the builder cannot take ``params``."""
+        try:
+            signature = inspect.signature(self._entries[name])
+        except (TypeError, ValueError):
+            return
+        try:
+            if len(params) == 1 and isinstance(params[0], dict):
+                signature.bind(**params[0])
+            else:
+                signature.bind(*params)
+        except TypeError as error:
+            shown = ", ".join(str(p.replace(annotation=p.empty))
+                              for p in signature.parameters.values())
+            raise RegistryError(f"{self.kind} {name!r} is written {self.usage(name)} (its "
+                                f"parameters: {shown}); got {[name, *params]!r}: "
+                                f"{error}") from None
 
     def resolve(self, spec: Spec) -> Callable:
         """The callable for ``spec``: a name, or ``[name, *params]``.

@@ -8,6 +8,8 @@ configuration itself is never modified: the training loop keeps the current valu
 Temperature schedules map ``(logits_S, logits_T, base_temperature)`` to a temperature, a
 float or a per-example tensor of shape (N,) for logits (N, C). They run on detached logits.
 """
+import math
+import numbers
 from typing import Any, Callable, Union
 
 import torch
@@ -40,6 +42,12 @@ def constant_temperature_scheduler(logits_S: torch.Tensor, logits_T: torch.Tenso
     return base_temperature
 
 
+def _check_number(schedule: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        raise ValueError(f"{schedule}: {name} must be a finite number, got {value!r}")
+
+
 @TEMPERATURE_SCHEDULERS.register("flsw", builder=True)
 def flsw_temperature_scheduler_builder(beta: float, gamma: float, eps: float = 1e-4,
                                        *ignored: Any) -> Callable[..., torch.Tensor]:
@@ -54,7 +62,12 @@ def flsw_temperature_scheduler_builder(beta: float, gamma: float, eps: float = 1
 
     Returns:
         ``scheduler(logits_S (N, C), logits_T (N, C), base) -> τ (N,)``.
+
+    Raises:
+        ValueError: beta, gamma or eps is not a finite number.
     """
+    for name, value in (("beta", beta), ("gamma", gamma), ("eps", eps)):
+        _check_number("flsw", name, value)
 
     def flsw_temperature_scheduler(logits_S: torch.Tensor, logits_T: torch.Tensor,
                                    base_temperature: float) -> torch.Tensor:
@@ -80,7 +93,11 @@ def cwsm_temperature_scheduler_builder(beta: float, *ignored: Any) -> Callable[.
 
     Returns:
         ``scheduler(logits_S (N, C), logits_T (N, C), base) -> τ (N,)``.
+
+    Raises:
+        ValueError: beta is not a finite number.
     """
+    _check_number("cwsm", "beta", beta)
 
     def cwsm_temperature_scheduler(logits_S: torch.Tensor, logits_T: torch.Tensor,
                                    base_temperature: float) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Training against a teacher cache: know each example's index, attach its cached rows."""
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -68,6 +69,15 @@ class CachedTeacherCollator:
                  collate_fn: Optional[Callable[[List[Any]], Dict[str, Any]]] = None,
                  key: str = "teacher_topk", index_key: str = "example_index",
                  check_ids: bool = True):
+        if not isinstance(cache, TeacherCache):
+            raise TypeError(f"cache must be an opened TeacherCache, e.g. "
+                            f"CachedTeacherCollator(TeacherCache({cache!r})), got "
+                            f"{type(cache).__name__}" if isinstance(cache, (str, os.PathLike))
+                            else f"cache must be an opened TeacherCache, got "
+                                 f"{type(cache).__name__}")
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"collate_fn must be a function list of examples -> batch, got "
+                            f"{type(collate_fn).__name__}")
         self.cache, self.collate_fn = cache, collate_fn or pad_collate
         self.key, self.index_key, self.check_ids = key, index_key, check_ids
 

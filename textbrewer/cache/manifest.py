@@ -304,11 +304,15 @@ class TeacherCacheManifest:
                 writer did not finish has shards but no manifest).
             ValueError: the manifest is not valid JSON or not a valid manifest.
         """
+        if os.path.isfile(folder):
+            raise FileNotFoundError(f"{folder}: is a file; a teacher cache is the folder "
+                                    f"write_teacher_cache wrote (here perhaps "
+                                    f"{os.path.dirname(folder) or '.'!r})")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder}: no such teacher-cache folder")
         path = os.path.join(folder, MANIFEST_NAME)
         if not os.path.isfile(path):
-            present = sorted(os.listdir(folder))
+            present = sorted(name for name in os.listdir(folder) if not name.startswith("."))
             hint = (f"; it holds {len(present)} other files: the cache is incomplete (its "
                     f"writer stopped before the manifest, which is written last); rebuild "
                     f"it with overwrite=True" if present else "; the folder is empty")

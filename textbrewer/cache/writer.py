@@ -1,9 +1,12 @@
 """Run a teacher LM once over a dataset and write its top-k outputs to a cache folder.
 
 Crash safety: every file is written as ``NAME.tmp``, flushed, fsynced and renamed into
-place; ``manifest.json`` is renamed into place last. A folder without ``manifest.json``
-is therefore never a complete cache, and :class:`~textbrewer.cache.TeacherCache` refuses
-it (as it refuses files the manifest does not list).
+place, first in a hidden staging folder inside the cache folder; once every data file is
+written they are moved into the cache folder (an old cache's files out first, its
+manifest before them) and ``manifest.json`` is renamed into place last. A folder without
+``manifest.json`` is therefore never a complete cache, and
+:class:`~textbrewer.cache.TeacherCache` refuses it (as it refuses files the manifest does
+not list); a run that fails before the end leaves the folder as it found it.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import datetime
 import inspect
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
@@ -34,6 +39,9 @@ _FP16_MIN = float(np.finfo(np.float16).min)
 # Rows of (rows, V) float32 log-probs computed at once: bounds the writer's extra memory
 # to ~256 MB whatever the batch and vocabulary.
 _CHUNK_ELEMENTS = 1 << 26
+# The new cache is written in a hidden folder inside output_dir (the reader ignores names
+# starting with '.'), then moved into place: a failing run leaves the old cache as it was.
+_STAGING_PREFIX = ".staging-"
 
 
 def pad_collate(examples: Sequence[Mapping], pad_token_id: int = 0) -> Dict[str, Any]:
@@ -210,9 +218,14 @@ def _write_npy(folder: str, name: str, array: np.ndarray) -> FileEntry:
 
 
 def _prepare_folder(path: str, overwrite: bool) -> None:
+    """Checks that ``path`` may receive a cache; deletes nothing but a killed writer's
+    staging folders: an existing cache is replaced only once the new one is complete."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path}: output_dir exists and is not a folder")
     os.makedirs(path, exist_ok=True)
+    for entry in os.listdir(path):
+        if entry.startswith(_STAGING_PREFIX):  # a writer killed before it finished
+            shutil.rmtree(os.path.join(path, entry), ignore_errors=True)
     entries = sorted(os.listdir(path))
     if not entries:
         return
@@ -229,13 +242,28 @@ def _prepare_folder(path: str, overwrite: bool) -> None:
         raise ValueError(f"{path}: overwrite=True only replaces a teacher cache, and this "
                          f"folder holds other files: {foreign[:5]}"
                          f"{' ...' if len(foreign) > 5 else ''}")
-    # The manifest goes first: from this moment the folder is not a complete cache.
+
+
+def _replace_cache(path: str, staging: str, manifest_text: str) -> None:
+    """Moves the complete new cache from ``staging`` into ``path`` in place of the old one:
+    the old manifest goes first (from then on the folder is not a complete cache), then the
+    old cache files; the new files come in, and the new manifest last."""
+    fsync_folder(staging)
+    entries = sorted(os.listdir(path))
     if MANIFEST_NAME in entries:
         os.remove(os.path.join(path, MANIFEST_NAME))
         fsync_folder(path)
     for entry in entries:
-        if entry != MANIFEST_NAME:
+        if entry != MANIFEST_NAME and CACHE_FILE_PATTERN.match(entry) \
+                and os.path.isfile(os.path.join(path, entry)):
             os.remove(os.path.join(path, entry))
+    for entry in sorted(os.listdir(staging)):
+        os.replace(os.path.join(staging, entry), os.path.join(path, entry))
+    os.rmdir(staging)
+    # Data files are durable before the manifest appears: the rename is the commit point.
+    fsync_folder(path)
+    _write_file(path, MANIFEST_NAME, lambda handle: handle.write(manifest_text.encode("utf-8")))
+    fsync_folder(path)
 
 
 class _CacheWriter:
@@ -337,7 +365,8 @@ def write_teacher_cache(teacher: nn.Module, dataset: Iterable[Mapping], output_d
         shard_tokens: rows per shard file (a shard closes at the first example boundary at
             or past this many rows).
         overwrite: replace the cache already in ``output_dir`` (only cache files are
-            deleted; a folder with other files is refused).
+            deleted; a folder with other files is refused). The old cache stays as it is
+            until the new one is complete: a run that fails leaves it intact.
         fingerprint: ``'full'`` (sha256 of every weight: reads the whole model once) or
             ``'structure'`` (names, shapes, dtypes: instant). See
             :func:`~textbrewer.cache.manifest.teacher_fingerprint`.
@@ -357,9 +386,9 @@ def write_teacher_cache(teacher: nn.Module, dataset: Iterable[Mapping], output_d
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    if batch_size < 1 or shard_tokens < 1:
-        raise ValueError(f"batch_size and shard_tokens must be >= 1, got {batch_size} and "
-                         f"{shard_tokens}")
+    for name, value in (("batch_size", batch_size), ("shard_tokens", shard_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if positions not in POSITION_RULES:
         raise ValueError(f"positions must be one of {sorted(POSITION_RULES)}, got "
                          f"{positions!r}")
@@ -367,6 +396,21 @@ def write_teacher_cache(teacher: nn.Module, dataset: Iterable[Mapping], output_d
         raise ValueError(f"fingerprint must be 'full' or 'structure', got {fingerprint!r}")
     output_dir = os.fspath(output_dir)
     _prepare_folder(output_dir, overwrite)
+    staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=output_dir)
+    try:
+        manifest, text = _write_staged(teacher, dataset, staging, k, batch_size, collate_fn,
+                                       device, logits_fn, positions, shard_tokens, fingerprint,
+                                       progress)
+        _replace_cache(output_dir, staging, text)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a success
+    return manifest
+
+
+def _write_staged(teacher, dataset, output_dir, k, batch_size, collate_fn, device, logits_fn,
+                  positions, shard_tokens, fingerprint, progress):
+    """The cache's data files in ``output_dir`` (the staging folder); returns the manifest
+    and its JSON text, not yet written."""
     collate_fn = collate_fn or pad_collate
     logits_fn = logits_fn or default_logits_fn
     if device is not None:
@@ -447,12 +491,7 @@ def write_teacher_cache(teacher: nn.Module, dataset: Iterable[Mapping], output_d
                               "stored in index.example_hashes.npy"},
         index=index, shards=writer.shards,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    text = json.dumps(manifest.to_dict(), indent=1)
-    # Data files are durable before the manifest appears: the rename is the commit point.
-    fsync_folder(output_dir)
-    _write_file(output_dir, MANIFEST_NAME, lambda handle: handle.write(text.encode("utf-8")))
-    fsync_folder(output_dir)
-    return manifest
+    return manifest, json.dumps(manifest.to_dict(), indent=1)
 
 
 def _check_batch(examples: List[Any], batch: Dict[str, Any], seen: int) -> List[int]:

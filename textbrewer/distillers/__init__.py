@@ -6,7 +6,7 @@ from .general import CustomMatch, GeneralDistiller
 from .lm import CausalLMDistiller, LMDistillationConfig, Seq2SeqLMDistiller
 from .multi_task import MultiTaskDistiller
 from .multi_teacher import MultiTeacherDistiller
-from .runtime import Runtime, move_to_device
+from ..training.runtime import Runtime, move_to_device
 from .trainer import BasicTrainer
 
 __all__ = ["AbstractDistiller", "BasicDistiller", "GeneralDistiller", "CustomMatch",

@@ -11,7 +11,7 @@ from ..logs import logger
 from .composer import LossComposer
 from .engine import AbstractDistiller, TrainingPlan, split_batch
 from .legacy import LegacyDistillationView
-from .sources import CachedSource, get_rng_state, set_rng_state
+from ..training.sources import CachedSource, get_rng_state, set_rng_state
 
 __all__ = ["BasicDistiller"]
 
@@ -89,7 +89,7 @@ class BasicDistiller(AbstractDistiller):
     def update_schedules(self, progress: float) -> None:
         self.composer.update_weights(progress)
 
-    def _reset_schedules(self) -> None:
+    def reset_schedules(self) -> None:
         self.composer.reset_weights()
 
     # models ------------------------------------------------------------------------------------
@@ -140,8 +140,8 @@ class BasicDistiller(AbstractDistiller):
         return self.composer.compose(results_S, results_T, projections=self.projs)
 
     # logits caching -------------------------------------------------------------------------
-    def _plan(self, dataloader, num_epochs, num_steps, batch_postprocessor):
-        plan, source = super()._plan(dataloader, num_epochs, num_steps, batch_postprocessor)
+    def plan_training(self, dataloader, num_epochs, num_steps, batch_postprocessor):
+        plan, source = super().plan_training(dataloader, num_epochs, num_steps, batch_postprocessor)
         if self.caching_logits:
             if plan.mode == "steps":
                 raise ValueError("is_caching_logits=True works only with num_epochs (the cache "
@@ -155,7 +155,7 @@ class BasicDistiller(AbstractDistiller):
         results_T = self.adapt_teacher(teacher_batch, self.teacher_outputs(teacher_batch, args))
         return [logits for logits in results_T["logits"]]
 
-    def _before_training(self, plan: TrainingPlan, source, saved_extra) -> None:
+    def before_training(self, plan: TrainingPlan, source, saved_extra) -> None:
         if not self.caching_logits:
             return
         if saved_extra and saved_extra.get("cache_rng") is not None:

@@ -20,7 +20,7 @@ from ..logs import logger
 from ..registry import (KD_LOSSES, LOSS_MODULES, MATCH_LOSSES, PROJECTIONS,
                         TEMPERATURE_SCHEDULERS, WEIGHT_SCHEDULERS)
 
-__all__ = ["LossComposer", "select_logits_with_mask", "probability_shift_"]
+__all__ = ["LossComposer", "select_logits_with_mask", "probability_shift_", "check_same_device"]
 
 Parts = Dict[str, torch.Tensor]
 
@@ -79,6 +79,61 @@ def _accepts_keyword(function: Any, name: str) -> bool:
         return False
 
 
+#: match losses that compare attention maps, (batch, heads, len, len) or (batch, len, len)
+ATTENTION_LOSSES = ("attention_mse", "attention_mse_sum", "attention_ce", "attention_ce_mean")
+
+
+def _describe_match(index: int, match: IntermediateMatch) -> str:
+    """``intermediate_matches[2] (hidden, hidden_mse, layer_T=4, layer_S=1)`` for messages."""
+    if match.by_module:
+        return (f"intermediate_matches[{index}] ({match.loss}, module_T={match.module_T!r}, "
+                f"module_S={match.module_S!r})")
+    return (f"intermediate_matches[{index}] ({match.feature}, {match.loss}, "
+            f"layer_T={match.layer_T}, layer_S={match.layer_S})")
+
+
+def _check_attention_maps(index: int, match: IntermediateMatch, feature_S: Any,
+                          feature_T: Any, masked: bool) -> None:
+    """An attention loss on tensors that are not (batch, [heads,] len, len) maps (hidden
+    states (batch, len, hidden), say) is an error naming the match and the shapes. Maps of
+    (batch, heads, queries, keys) with queries != keys (cross-attention) pass unmasked."""
+    for side, value in (("student", feature_S), ("teacher", feature_T)):
+        for tensor in (value if isinstance(value, list) else [value]):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            square = tensor.dim() in (3, 4) and tensor.size(-1) == tensor.size(-2)
+            if square or (tensor.dim() == 4 and not masked):
+                continue
+            hint = ""
+            if tensor.dim() == 3 and match.feature == "hidden":
+                hint = (": these look like hidden states (batch, len, hidden); use a "
+                        "hidden-state loss such as 'hidden_mse', or feature='attention' for "
+                        "the adaptor's attention maps")
+            elif tensor.dim() == 3:
+                hint = (": these look like hidden states (batch, len, hidden); the adaptor's "
+                        "'attention' should hold the attention maps (e.g. outputs.attentions)")
+            raise AdaptorError(
+                f"{_describe_match(index, match)}: loss {match.loss!r} compares attention maps "
+                f"of shape (batch, heads, len, len) or (batch, len, len), but the {side}'s "
+                f"{match.feature} has shape {tuple(tensor.shape)} (student {_shape(feature_S)}, "
+                f"teacher {_shape(feature_T)}){hint}")
+
+
+def check_same_device(what: str, student: Any, teacher: Any) -> None:
+    """The student's and the teacher's tensors that a loss combines must share a device:
+    otherwise an error naming the key and both devices (rather than torch's)."""
+    def devices(value):
+        return {t.device for t in (value if isinstance(value, (list, tuple)) else [value])
+                if isinstance(t, torch.Tensor)}
+    found_S, found_T = devices(student), devices(teacher)
+    if found_S and found_T and (len(found_S | found_T) > 1):
+        raise AdaptorError(f"{what}: the student's adaptor returned it on "
+                           f"{', '.join(map(str, sorted(found_S, key=str)))}, the teacher's on "
+                           f"{', '.join(map(str, sorted(found_T, key=str)))}; the loss needs "
+                           f"both on the training device (TrainingConfig.device): return the "
+                           f"models' outputs where they are, or move them with .to(device)")
+
+
 def _shape(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return tuple(value.shape)
@@ -119,8 +174,8 @@ class LossComposer(nn.Module):
         self.matches: List[IntermediateMatch] = list(config.intermediate_matches) \
             if use_matches else []
         # TextBrewer 0.2.1's GeneralDistiller overwrote (=) instead of adding (+=) the KD
-        # loss of each head unless probability_shift was on: kept by default for its numbers
-        self.last_head_only = (config.kd_over_heads == "compatible" and use_matches
+        # loss of each head unless probability_shift was on; 0.2.1.post1 sums (the default)
+        self.last_head_only = (config.kd_over_heads == "last" and use_matches
                                and not config.probability_shift)
         # Built in match order, so a seeded run draws the same numbers as TextBrewer.
         self.projections = nn.ModuleList()
@@ -201,6 +256,9 @@ class LossComposer(nn.Module):
                 head_T = probability_shift_(head_T, labels[head])
             if head_S.dim() >= 1 and head_S.size(0) == 0:
                 # logits_mask kept no position: a mean over no rows would be NaN
+                self._warn_once("empty_logits_mask", f"logits_mask selects no position of logits "
+                                f"head {head} (all zeros) in a batch: its KD term is 0 there. "
+                                f"logits_mask is 1 at the positions to distil (warned once)")
                 total = total + head_S.sum() * 0
                 continue
             temperature = self.config.temperature
@@ -268,6 +326,8 @@ class LossComposer(nn.Module):
         if len(logits_S) != len(logits_T):
             raise AdaptorError(f"the student's adaptor returned {len(logits_S)} logits heads and "
                                f"the teacher's {len(logits_T)}")
+        for head, (head_S, head_T) in enumerate(zip(logits_S, logits_T)):
+            check_same_device(f"'logits' head {head}", head_S, head_T)
         labels = results_S.get("labels")
         if "logits_mask" in results_S:
             masks = results_S["logits_mask"]
@@ -356,6 +416,9 @@ class LossComposer(nn.Module):
                                        index, match)
             feature_T = self._features(results_T, match.feature, match.layer_T, "teacher",
                                        index, match)
+        check_same_device(f"{_describe_match(index, match)}: "
+                          f"{'the captured output' if match.by_module else repr(match.feature)}",
+                          feature_S, feature_T)
         projection_index = self.projection_of_match[index]
         projection = None if projection_index is None else self.projections[projection_index]
         if projections is not None:
@@ -380,6 +443,9 @@ class LossComposer(nn.Module):
             else:
                 feature_S = projection(feature_S)
         mask = results_S.get("inputs_mask")
+        if match.loss in ATTENTION_LOSSES:
+            _check_attention_maps(index, match, feature_S, feature_T,
+                                  masked=mask is not None and not match.by_module)
         if match.by_module and (mask is None or feature_S.dim() != 3
                                 or tuple(mask.shape) != tuple(feature_S.shape[:2])):
             mask = None  # a captured (N, C, H, W) map or (N, D) embedding has no positions
@@ -388,7 +454,6 @@ class LossComposer(nn.Module):
         try:
             return self.match_losses[index](feature_S, feature_T, mask=mask)
         except (RuntimeError, ValueError, IndexError) as error:
-            raise AdaptorError(f"intermediate_matches[{index}] ({match.feature}, {match.loss}, "
-                               f"layer_T={match.layer_T}, layer_S={match.layer_S}): student "
+            raise AdaptorError(f"{_describe_match(index, match)}: student "
                                f"{_shape(feature_S)} and teacher {_shape(feature_T)} do not fit "
                                f"this loss: {error}") from error

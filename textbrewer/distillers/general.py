@@ -104,6 +104,15 @@ class GeneralDistiller(BasicDistiller):
             raise TypeError(f"intermediate matches by module name need a single teacher "
                             f"nn.Module, got {type(self.model_T).__name__}")
         models = {"teacher": self.model_T, "student": self.model_S}
+        for index, match in enumerate(self.composer.matches):
+            if not match.by_module:
+                continue
+            for role, name in (("teacher", match.module_T), ("student", match.module_S)):
+                try:  # one name at a time, to say which match names a missing module
+                    ModuleCapture(models[role], [name], match.capture, role)
+                except ValueError as error:
+                    raise ValueError(f"intermediate_matches[{index}]: module_"
+                                     f"{role[0].upper()}={name!r}: {error}") from None
         return {(role, what): ModuleCapture(models[role], module_names, what, role)
                 for (role, what), module_names in names.items()}
 

@@ -8,7 +8,7 @@ from torch import nn
 from ..configurations import DistillationConfig, TrainingConfig
 from .engine import TrainingPlan
 from .general import GeneralDistiller
-from .sources import EmptyDataError, TaskSource
+from ..training.sources import EmptyDataError, TaskSource
 
 __all__ = ["MultiTaskDistiller"]
 
@@ -60,7 +60,7 @@ class MultiTaskDistiller(GeneralDistiller):
             dataloaders: dict task name -> dataloader (the same keys as ``model_T``).
             num_steps: optimizer steps.
             scheduler_class, scheduler_args, scheduler, max_grad_norm, callback: as in
-                :meth:`~textbrewer.distillers.engine.AbstractDistiller.train`.
+                :meth:`~textbrewer.distillers.compat.TextBrewerFacade.train`.
             tau: sampling temperature over dataset sizes.
             batch_postprocessors: dict task name -> ``batch -> batch``.
             **args: extra keyword arguments for every model call.
@@ -82,7 +82,7 @@ class MultiTaskDistiller(GeneralDistiller):
         source = TaskSource(dataloaders, tau, batch_postprocessors)
         optimizer, scheduler, _ = self.initialize_training(optimizer, scheduler_class,
                                                            scheduler_args, scheduler)
-        self._fit(optimizer, plan, source, scheduler, max_grad_norm, callback, args)
+        self.fit(optimizer, plan, source, scheduler, max_grad_norm, callback, args)
 
     def train_on_batch(self, batch: Any, args: Dict[str, Any]):
         batch, task = batch

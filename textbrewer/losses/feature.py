@@ -7,6 +7,17 @@ kept positions, with the count clamped to 1, so an all-padding batch gives 0.
 Attention maps are (B, H, L, L) or (B, L, L). Without a mask, attention entries at or
 below -1e-3 are treated as masked out (TextBrewer 0.2.1's convention for pre-softmax
 scores produced with additive -inf/-10000 masking).
+
+Non-finite entries. Attention scores masked with -inf are handled (finite values, finite
+gradients, 0 at the -inf entries): pairs the mask drops add nothing whatever their scores,
+a score that is -inf on both sides adds 0 to the squared error, and the cross-entropy
+losses use 0 · log 0 = 0 (a query row that is -inf everywhere has no distribution and adds
+0). A score that is -inf on one side only is an infinite error (``+inf``). On finite scores
+the guards change no bit (on the CPU the plain formula runs first, the guarded one only when
+that is not finite: ``plain_first`` in ``textbrewer/losses/_masking.py``). Hidden states
+must be finite: the hidden-state losses raise a ``ValueError`` naming the loss and the side
+when a -inf or inf feature makes the loss non-finite (one host sync per call; NaN is left to
+the training loop's check; see ``finite_features`` in ``textbrewer/losses/_masking.py``).
 """
 from typing import Optional
 
@@ -14,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import MATCH_LOSSES
-from ._masking import as_weights, safe_divide
+from ._masking import as_weights, finite_features, plain_first, safe_divide
 
 __all__ = ["att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss",
            "hid_mse_loss", "cos_loss", "pkd_loss"]
@@ -54,12 +65,22 @@ def _pairwise_masked_mse(attention_S, attention_T, mask):
     rows, columns = _row_and_column_weights(mask, attention_S)
     pair_weights = rows * columns
     heads = attention_S[..., 0, 0].numel() // attention_S.size(0)
-    squared = (attention_S - attention_T).pow(2) * pair_weights
+    plain = plain_first(lambda: safe_divide(((attention_S - attention_T).pow(2) * pair_weights)
+                                            .sum(), pair_weights.sum() * heads), attention_S)
+    if plain is not None:
+        return plain
+    # Dropped pairs, and scores masked (-inf) on both sides, add 0 rather than inf · 0 or
+    # (-inf) − (-inf) = NaN; only non-finite differences change, so finite scores keep
+    # their bits (values and gradients).
+    difference = attention_S - attention_T
+    ignored = ~torch.isfinite(difference) & (
+        (pair_weights == 0) | (torch.isneginf(attention_S) & torch.isneginf(attention_T)))
+    squared = torch.where(ignored, 0.0, difference).pow(2) * pair_weights
     return safe_divide(squared.sum(), pair_weights.sum() * heads)
 
 
-def _masked_attention_ce(attention_S, attention_T, mask):
-    """−Σ_{b,[h],i} m_i Σ_j P_T·log_softmax(S)·m_j / Σ_{b,[h],i} m_i."""
+def _plain_attention_ce(attention_S, attention_T, mask):
+    """TextBrewer 0.2.1's formula, for finite scores (see :func:`_masked_attention_ce`)."""
     probs_T = F.softmax(attention_T, dim=-1)
     log_probs_S = F.log_softmax(attention_S, dim=-1)
     if mask is None:
@@ -67,6 +88,43 @@ def _masked_attention_ce(attention_S, attention_T, mask):
         return -(probs_T * log_probs_S).sum(dim=-1).mean()
     rows, columns = _row_and_column_weights(mask, attention_S)
     heads = attention_S[..., 0, 0].numel() // attention_S.size(0)
+    per_row = (probs_T * log_probs_S * columns).sum(dim=-1, keepdim=True) * rows
+    return -safe_divide(per_row.sum(), rows.sum() * heads)
+
+
+def _softmax_rows(scores: torch.Tensor, log: bool) -> torch.Tensor:
+    """(log_)softmax over the last dimension; a row of -inf scores only (a query that
+    attends to nothing) gets probability 0 / log-probability -inf everywhere rather than
+    NaN, with finite gradients (its scores are replaced by zeros before the softmax)."""
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    safe = torch.where(empty, 0.0, scores)
+    if log:
+        return torch.where(empty, float("-inf"), F.log_softmax(safe, dim=-1))
+    return torch.where(empty, 0.0, F.softmax(safe, dim=-1))
+
+
+def _masked_attention_ce(attention_S, attention_T, mask):
+    """−Σ_{b,[h],i} m_i Σ_j P_T·log_softmax(S)·m_j / Σ_{b,[h],i} m_i."""
+    # Without a mask, the teacher's -inf are looked for first: the -1e-3 threshold would
+    # hide a row of them (all -inf: NaN probabilities, and NaN gradients for the teacher).
+    plain = plain_first(lambda: _plain_attention_ce(attention_S, attention_T, mask),
+                        attention_S, teacher=attention_T if mask is None else None)
+    if plain is not None:
+        return plain
+    probs_T = _softmax_rows(attention_T, log=False)
+    log_probs_S = _softmax_rows(attention_S, log=True)
+    if mask is None:
+        probs_T = _zero_masked_scores(attention_T, probs_T)
+        # 0 · log 0 = 0: only entries that would be 0 · (-inf) = NaN change
+        log_probs_S = torch.where(torch.isneginf(log_probs_S) & (probs_T == 0), 0.0,
+                                  log_probs_S)
+        return -(probs_T * log_probs_S).sum(dim=-1).mean()
+    rows, columns = _row_and_column_weights(mask, attention_S)
+    heads = attention_S[..., 0, 0].numel() // attention_S.size(0)
+    # ... and at dropped keys and query rows, whatever the teacher's probability (never
+    # -inf · 0); only -inf entries change, so finite scores keep their bits
+    ignored = torch.isneginf(log_probs_S) & ((probs_T == 0) | (columns == 0) | (rows == 0))
+    log_probs_S = torch.where(ignored, 0.0, log_probs_S)
     per_row = (probs_T * log_probs_S * columns).sum(dim=-1, keepdim=True) * rows
     return -safe_divide(per_row.sum(), rows.sum() * heads)
 
@@ -166,10 +224,12 @@ def hid_mse_loss(state_S: torch.Tensor, state_T: torch.Tensor,
         Scalar tensor.
     """
     if mask is None:
-        return F.mse_loss(state_S, state_T)
-    weights = as_weights(mask, state_S)
-    squared = (state_S - state_T).pow(2) * weights.unsqueeze(-1)
-    return safe_divide(squared.sum(), weights.sum() * state_S.size(-1))
+        loss = F.mse_loss(state_S, state_T)
+    else:
+        weights = as_weights(mask, state_S)
+        squared = (state_S - state_T).pow(2) * weights.unsqueeze(-1)
+        loss = safe_divide(squared.sum(), weights.sum() * state_S.size(-1))
+    return finite_features(loss, "hidden_mse", state_S, state_T)
 
 
 @MATCH_LOSSES.register("cos")
@@ -190,9 +250,11 @@ def cos_loss(state_S: torch.Tensor, state_T: torch.Tensor,
             ((state_T * state_T).sum(dim=-1) + _COSINE_EPS)
     distance = 1 - dot / norms.sqrt()
     if mask is None:
-        return distance.mean()
-    weights = as_weights(mask, distance)
-    return safe_divide((distance * weights).sum(), weights.sum())
+        loss = distance.mean()
+    else:
+        weights = as_weights(mask, distance)
+        loss = safe_divide((distance * weights).sum(), weights.sum())
+    return finite_features(loss, "cos", state_S, state_T)
 
 
 @MATCH_LOSSES.register("pkd")
@@ -214,7 +276,8 @@ def pkd_loss(state_S: torch.Tensor, state_T: torch.Tensor,
     cls_T = state_T[:, 0] if state_T.dim() == 3 else state_T
     normed_S = cls_S / torch.norm(cls_S, dim=1, keepdim=True)
     normed_T = cls_T / torch.norm(cls_T, dim=1, keepdim=True)
-    return (normed_S - normed_T).pow(2).sum(dim=-1).mean()
+    return finite_features((normed_S - normed_T).pow(2).sum(dim=-1).mean(), "pkd", cls_S,
+                           cls_T)
 
 
 # ============================================================================ literature
@@ -271,11 +334,13 @@ def fitnet_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
                          f"features {tuple(feature_T.shape)} differ in shape (a projection, "
                          f"'conv1x1' or 'linear', maps the student's width to the teacher's)")
     if mask is None:
-        return F.mse_loss(feature_S, feature_T)
-    positions_S, weights = _positions(feature_S, mask, "fitnet", "student")
-    positions_T, _ = _positions(feature_T, None, "fitnet", "teacher")
-    squared = (positions_S - positions_T).pow(2) * weights.unsqueeze(-1)
-    return safe_divide(squared.sum(), weights.sum() * positions_S.size(-1))
+        loss = F.mse_loss(feature_S, feature_T)
+    else:
+        positions_S, weights = _positions(feature_S, mask, "fitnet", "student")
+        positions_T, _ = _positions(feature_T, None, "fitnet", "teacher")
+        squared = (positions_S - positions_T).pow(2) * weights.unsqueeze(-1)
+        loss = safe_divide(squared.sum(), weights.sum() * positions_S.size(-1))
+    return finite_features(loss, "fitnet", feature_S, feature_T)
 
 
 def _attention_map(positions: torch.Tensor, weights: Optional[torch.Tensor],
@@ -324,5 +389,7 @@ def attention_transfer_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
     squared = (_attention_map(positions_S, weights, p)
                - _attention_map(positions_T, weights, p)).pow(2)
     if weights is None:
-        return squared.mean()
-    return safe_divide((squared * weights).sum(), weights.sum())
+        loss = squared.mean()
+    else:
+        loss = safe_divide((squared * weights).sum(), weights.sum())
+    return finite_features(loss, "at", feature_S, feature_T)

@@ -5,6 +5,10 @@ Each is an ``nn.Module`` registered in :data:`textbrewer.registry.LOSS_MODULES`,
 called as ``module(feature_S, feature_T, mask=None) -> scalar``. Its parameters must be
 trained with the student's (put it in the optimizer, and in the checkpoint: buffers such as
 CRD's negative queue live in its ``state_dict``).
+
+Features must be finite: a -inf or inf feature that makes the loss non-finite is a
+``ValueError`` naming the loss and the side (one host sync per call; NaN is left to the
+training loop's check; see ``finite_features`` in ``textbrewer/losses/_masking.py``).
 """
 import math
 from typing import Optional
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import LOSS_MODULES
-from ._masking import as_weights, safe_divide
+from ._masking import as_weights, finite_features, safe_divide
 
 __all__ = ["VIDLoss", "CRDLoss"]
 
@@ -92,12 +96,13 @@ class VIDLoss(nn.Module):
         variance = self.variance().to(mean.dtype)
         nll = 0.5 * ((mean - teacher).pow(2) / variance + variance.log())
         if mask is None:
-            return nll.mean()
+            return finite_features(nll.mean(), "vid", feature_S, feature_T)
         weights = as_weights(mask, nll)
         if weights.shape != nll.shape[:-1]:
             raise ValueError(f"vid: a mask of shape {tuple(mask.shape)} does not fit features "
                              f"with positions {tuple(nll.shape[:-1])}")
-        return safe_divide((nll * weights.unsqueeze(-1)).sum(), weights.sum() * nll.size(-1))
+        loss = safe_divide((nll * weights.unsqueeze(-1)).sum(), weights.sum() * nll.size(-1))
+        return finite_features(loss, "vid", feature_S, feature_T)
 
 
 def _pooled(feature: torch.Tensor, mask: Optional[torch.Tensor], side: str) -> torch.Tensor:
@@ -222,9 +227,13 @@ class CRDLoss(nn.Module):
         logits = torch.cat([batch_logits, queue_logits], dim=1)
         per_anchor = F.cross_entropy(logits, torch.arange(batch, device=student.device),
                                      reduction="none")
+        if kept is None:
+            loss = per_anchor.mean()
+        else:
+            weights = kept.to(per_anchor.dtype)
+            loss = safe_divide((per_anchor * weights).sum(), weights.sum())
+        # checked before the enqueue, so that non-finite embeddings never enter the queue
+        loss = finite_features(loss, "crd", feature_S, feature_T)
         if self.training:
             self.enqueue(teacher if kept is None else teacher[kept])
-        if kept is None:
-            return per_anchor.mean()
-        weights = kept.to(per_anchor.dtype)
-        return safe_divide((per_anchor * weights).sum(), weights.sum())
+        return loss

@@ -3,6 +3,11 @@
 Interface: ``loss([state_S_0, state_S_1], [state_T_0, state_T_1], mask=None)``, each state
 (B, L, D). The student's and the teacher's widths may differ for the MMD/NST loss (the
 relation matrices are L×L); for FSP/Gram they must agree (D×D), which a projection gives.
+
+Features must be finite: every loss here raises a ``ValueError`` naming the loss and the
+side when a -inf or inf feature makes the loss non-finite (one host sync per call; NaN is
+left to the training loop's check; see ``finite_features`` in
+``textbrewer/losses/_masking.py``).
 """
 from typing import Optional, Sequence
 
@@ -10,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import MATCH_LOSSES
-from ._masking import as_weights, safe_divide
+from ._masking import as_weights, finite_features, safe_divide
 
 __all__ = ["fsp_loss", "mmd_loss", "mmd_normalized_loss"]
 
@@ -53,7 +58,8 @@ def fsp_loss(state_S: Sequence[torch.Tensor], state_T: Sequence[torch.Tensor],
     s0, s1 = _two_layers(state_S, "student")
     t0, t1 = _two_layers(state_T, "teacher")
     weights = as_weights(mask, s0)
-    return F.mse_loss(_fsp_matrix(s0, s1, weights), _fsp_matrix(t0, t1, weights))
+    loss = F.mse_loss(_fsp_matrix(s0, s1, weights), _fsp_matrix(t0, t1, weights))
+    return finite_features(loss, "fsp/gram", state_S, state_T)
 
 
 def _masked_gram_mse(gram_S: torch.Tensor, gram_T: torch.Tensor,
@@ -98,8 +104,9 @@ def mmd_loss(state_S: Sequence[torch.Tensor], state_T: Sequence[torch.Tensor],
     t0, t1 = _two_layers(state_T, "teacher")
     # 0.2.1's size(1) with a mask (the length), size(2) without (the width)
     divisor_dim = 2 if mask is None else 1
-    return _masked_gram_mse(_token_gram(s0, s1, s1.size(divisor_dim)),
+    loss = _masked_gram_mse(_token_gram(s0, s1, s1.size(divisor_dim)),
                             _token_gram(t0, t1, t1.size(divisor_dim)), mask)
+    return finite_features(loss, "mmd/nst", state_S, state_T)
 
 
 @MATCH_LOSSES.register("mmd_normalized")
@@ -122,8 +129,9 @@ def mmd_normalized_loss(state_S: Sequence[torch.Tensor], state_T: Sequence[torch
     """
     s0, s1 = _two_layers(state_S, "student")
     t0, t1 = _two_layers(state_T, "teacher")
-    return _masked_gram_mse(_token_gram(s0, s1, s1.size(2)), _token_gram(t0, t1, t1.size(2)),
+    loss = _masked_gram_mse(_token_gram(s0, s1, s1.size(2)), _token_gram(t0, t1, t1.size(2)),
                             mask)
+    return finite_features(loss, "mmd_normalized/nst_normalized", state_S, state_T)
 
 
 # ============================================================================ literature
@@ -239,7 +247,8 @@ def rkd_distance_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
     pairs = _pair_weights(weights, samples_S.new_empty(samples_S.size(0), samples_S.size(0)))
     difference = _normalised_distances(samples_S, pairs) - _normalised_distances(
         samples_T.to(samples_S.dtype), pairs)
-    return _weighted_mean(_huber(difference), pairs)
+    return finite_features(_weighted_mean(_huber(difference), pairs), "rkd_distance",
+                           feature_S, feature_T)
 
 
 def _angles(samples: torch.Tensor) -> torch.Tensor:
@@ -278,7 +287,8 @@ def rkd_angle_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
         triplets = torch.ones_like(angles_S)
     else:
         triplets = weights.view(-1, 1, 1) * weights.view(1, -1, 1) * weights.view(1, 1, -1)
-    return _weighted_mean(_huber(angles_S - angles_T), triplets)
+    return finite_features(_weighted_mean(_huber(angles_S - angles_T), triplets), "rkd_angle",
+                           feature_S, feature_T)
 
 
 def _cosine_similarities(samples: torch.Tensor) -> torch.Tensor:
@@ -326,7 +336,7 @@ def pkt_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
     q = _pkt_conditionals(samples_S, columns)
     tiny = torch.finfo(p.dtype).tiny
     per_anchor = (p * (p.clamp(min=tiny).log() - q.clamp(min=tiny).log())).sum(dim=-1)
-    return _weighted_mean(per_anchor, anchors)
+    return finite_features(_weighted_mean(per_anchor, anchors), "pkt", feature_S, feature_T)
 
 
 def _sp_similarity(samples: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -357,7 +367,7 @@ def sp_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
     squared = (_sp_similarity(samples_S, weights)
                - _sp_similarity(samples_T.to(samples_S.dtype), weights)).pow(2).sum()
     kept = samples_S.new_tensor(samples_S.size(0)) if weights is None else weights.sum()
-    return safe_divide(squared, kept * kept)
+    return finite_features(safe_divide(squared, kept * kept), "sp", feature_S, feature_T)
 
 
 def _cc_correlation(samples: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
@@ -399,4 +409,5 @@ def cc_loss(feature_S: torch.Tensor, feature_T: torch.Tensor,
     correlation_S = _cc_correlation(samples_S, gamma, order)
     correlation_T = _cc_correlation(samples_T.to(samples_S.dtype), gamma, order)
     pairs = _pair_weights(weights, correlation_S)
-    return _weighted_mean((correlation_S - correlation_T).pow(2), pairs)
+    return finite_features(_weighted_mean((correlation_S - correlation_T).pow(2), pairs), "cc",
+                           feature_S, feature_T)

@@ -6,6 +6,28 @@ whose gradient scale does not shrink as τ grows.
 
 A temperature may be a float or a per-example tensor of shape (N,) (or the logits' shape
 without the class dimension); it is broadcast over the class dimension.
+
+Masked classes. A logit of ``-inf`` marks a class as impossible (a padded vocabulary, a label
+mask written as -inf). Every loss here gives a finite, correct value for it, with finite
+gradients (0 at the -inf entries), or an error that says why it cannot:
+
+- the distribution losses (``ce``, ``kl``, ``reverse_kl``, ``jsd``, ``dkd``,
+  ``logit_std``) use 0 · log 0 = 0, as ``torch.xlogy`` does: with -inf at the same classes
+  on both sides they equal the same loss on the logits with those classes removed. A
+  divergence that is really infinite stays ``+inf`` (KL(p‖q) where the student's logit is
+  -inf and the teacher's probability is not 0), except that ``reverse_kl``, infinite
+  wherever the teacher's logit is -inf and the student's is not, raises a ``ValueError``
+  that says so;
+- ``dist`` leaves the teacher's -inf classes out of its correlations, ``logit_std`` out of
+  the standardisation (they stay -inf);
+- the element-wise losses (``mse``, ``bce``) leave the entries where the teacher's logit is
+  -inf out of their mean, whatever the student's logit there.
+
+On finite logits the guards change no bit of the values or the gradients, and cost no host
+sync (``reverse_kl`` reads one bool, whether its result is finite, to raise that error). On
+the CPU, where their extra passes cost more than a host sync, ``ce``, ``mse``, ``kl``,
+``reverse_kl`` and ``jsd`` compute the plain formula first and the guarded one only when
+that is not finite (``plain_first`` in ``_masking.py``): the same bits either way.
 """
 from typing import Union
 
@@ -13,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import KD_LOSSES
+from ._masking import plain_first, rescaled
 
 __all__ = ["kd_ce_loss", "kd_mse_loss", "kd_kl_loss"]
 
@@ -24,6 +47,16 @@ def _per_class(temperature: Temperature) -> Temperature:
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         return temperature.unsqueeze(-1)
     return temperature
+
+
+def _log_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``log a − log b``, with 0 where a = 0 (log a = -inf): the factor of a · (…) in a KL.
+
+    Only entries where ``log_a`` is -inf change, so finite inputs keep their bits; there
+    ``a · (log a − log b)`` is 0 (0 · log 0 = 0) instead of NaN, in the value and in the
+    gradients (the difference is zeroed before it meets the zero, not after).
+    """
+    return torch.where(torch.isneginf(log_a), 0.0, log_a - log_b)
 
 
 @KD_LOSSES.register("ce")
@@ -39,17 +72,28 @@ def kd_ce_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
         temperature: float, or a tensor of shape (N,) / (B, L).
 
     Returns:
-        Scalar tensor.
+        Scalar tensor. A class whose teacher logit is -inf adds 0 (0 · log 0 = 0, even where
+        the student's logit is -inf too).
     """
     temperature = _per_class(temperature)
     probs_T = F.softmax(logits_T / temperature, dim=-1)
-    return -(probs_T * F.log_softmax(logits_S / temperature, dim=-1)).sum(dim=-1).mean()
+    log_probs_S = F.log_softmax(logits_S / temperature, dim=-1)
+    plain = plain_first(lambda: -(probs_T * log_probs_S).sum(dim=-1).mean(), probs_T)
+    if plain is not None:
+        return plain
+    # 0 · (-inf) would be NaN: only those entries change, so finite logits keep 0.2.1's bits
+    log_probs_S = torch.where(torch.isneginf(log_probs_S) & (probs_T == 0), 0.0, log_probs_S)
+    return -(probs_T * log_probs_S).sum(dim=-1).mean()
 
 
 @KD_LOSSES.register("mse")
 def kd_mse_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
                 temperature: Temperature = 1) -> torch.Tensor:
     """Mean squared error between temperature-scaled logits, mean over all elements.
+
+    Entries where the teacher's logit is -inf (a masked class) are left out, of the sum and
+    of the count, whatever the student's logit there: the squared error against -inf has no
+    use. (With none of them, this is ``F.mse_loss`` as in TextBrewer 0.2.1, bit for bit.)
 
     Args:
         logits_S: student logits, (N, C) or (B, L, C).
@@ -60,7 +104,15 @@ def kd_mse_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
         Scalar tensor.
     """
     temperature = _per_class(temperature)
-    return F.mse_loss(logits_S / temperature, logits_T / temperature)
+    plain = plain_first(lambda: F.mse_loss(logits_S / temperature, logits_T / temperature),
+                        logits_T)
+    if plain is not None:
+        return plain
+    masked = torch.isneginf(logits_T)
+    scaled_S = torch.where(masked, 0.0, logits_S / temperature)
+    scaled_T = torch.where(masked, 0.0, logits_T / temperature)
+    return rescaled(F.mse_loss(scaled_S, scaled_T), masked.numel(),
+                    masked.numel() - masked.sum())
 
 
 @KD_LOSSES.register("kl")
@@ -68,7 +120,9 @@ def kd_kl_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
                temperature: Temperature = 1) -> torch.Tensor:
     """τ² · KL(softmax(T/τ) ‖ softmax(S/τ)), mean over rows (Hinton et al., 2015).
 
-    Zero when the student's logits equal the teacher's. Not in TextBrewer 0.2.1.
+    Zero when the student's logits equal the teacher's. Not in TextBrewer 0.2.1. A class
+    whose teacher logit is -inf adds 0; ``+inf`` where the student's logit is -inf and the
+    teacher's probability is not 0.
 
     Args:
         logits_S: student logits, (N, C) or (B, L, C).
@@ -81,11 +135,15 @@ def kd_kl_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
     temperature = _per_class(temperature)
     log_probs_T = F.log_softmax(logits_T / temperature, dim=-1)
     log_probs_S = F.log_softmax(logits_S / temperature, dim=-1)
-    kl_rows = (log_probs_T.exp() * (log_probs_T - log_probs_S)).sum(dim=-1)
     if isinstance(temperature, torch.Tensor):
         scale = temperature.squeeze(-1) ** 2 if temperature.dim() > 0 else temperature ** 2
     else:
         scale = temperature ** 2
+    plain = plain_first(lambda: ((log_probs_T.exp() * (log_probs_T - log_probs_S)).sum(dim=-1)
+                                 * scale).mean(), log_probs_T)
+    if plain is not None:
+        return plain
+    kl_rows = (log_probs_T.exp() * _log_ratio(log_probs_T, log_probs_S)).sum(dim=-1)
     return (kl_rows * scale).mean()
 
 
@@ -94,20 +152,17 @@ def kd_kl_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
 # tests/test_literature_losses.py. Every one of them carries the τ² factor of Hinton et al.
 # (as 'kl' does), so their gradient scale does not shrink as τ grows.
 #
+# DKD, DIST and logit standardisation are in textbrewer.losses.structured.
+#
 # Some take parameters. Their registry entry is then both the loss with the paper's default
 # parameters (``'dkd'``) and, called with parameters instead of tensors, a builder
 # (``['dkd', alpha, beta]``, resolved by :meth:`Registry.resolve`).
 
 import functools  # noqa: E402  (appended section)
-import inspect  # noqa: E402
 import math  # noqa: E402
-from typing import Any, Callable, Optional, Tuple  # noqa: E402
+from typing import Any, Callable, Tuple  # noqa: E402
 
-from ._masking import safe_divide  # noqa: E402
-
-__all__ += ["reverse_kl_loss", "jsd_loss", "dkd_loss", "dkd_loss_builder", "dist_loss",
-            "dist_loss_builder", "logit_standardization", "standardized_loss_builder",
-            "bce_loss"]
+__all__ += ["kd_reverse_kl_loss", "kd_jsd_loss", "reverse_kl_loss", "jsd_loss", "bce_loss"]
 
 
 def _as_rows(logits_S: torch.Tensor, logits_T: torch.Tensor, temperature: Temperature,
@@ -159,14 +214,24 @@ def _loss_with_parameters(loss: Callable[..., torch.Tensor],
 
 
 # ---------------------------------------------------------------------- reverse KL, JSD
+# ``kd_reverse_kl_loss`` and ``kd_jsd_loss`` are the response-level losses ('reverse_kl',
+# 'jsd' here): τ²-scaled, mean over rows. textbrewer.losses.token has token-level ones
+# (``token_reverse_kl_loss``, ``token_jsd_loss``: no τ², mean over valid tokens, β-JSD).
 @KD_LOSSES.register("reverse_kl")
-def reverse_kl_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
-                    temperature: Temperature = 1) -> torch.Tensor:
+def kd_reverse_kl_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
+                       temperature: Temperature = 1) -> torch.Tensor:
     """Reverse KL: τ² · KL(q ‖ p), q = softmax(S/τ) the student's, p = softmax(T/τ).
 
     ``Σ_c q_c (log q_c − log p_c)`` per row, times τ², mean over rows. Mode-seeking: the
     student is pushed to put its mass where the teacher has mass, rather than to cover all
     of it (used for generative LMs, e.g. MiniLLM, Gu et al. 2023, arXiv:2306.08543).
+    Registered as ``'reverse_kl'``; the token-level loss for LMs, without τ², is
+    :func:`textbrewer.losses.token.token_reverse_kl_loss`.
+
+    A class whose student logit is -inf adds 0 (0 · log 0 = 0). A class whose teacher logit
+    is -inf (masked) while the student's is finite makes KL(q‖p) infinite, which is an
+    error that says so (mask the student's logits at the same classes, or use ``'kl'`` /
+    ``'jsd'``, finite there); finding out costs one host sync per call.
 
     Args:
         logits_S: student logits, (N, C) or (B, L, C).
@@ -175,23 +240,57 @@ def reverse_kl_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
 
     Returns:
         Scalar tensor; 0 when the two distributions are equal.
+
+    Raises:
+        ValueError: the teacher's logits are -inf where the student's are not.
     """
     rows_S, rows_T, tau, tau_squared = _as_rows(logits_S, logits_T, temperature, "reverse_kl")
     log_q = F.log_softmax(rows_S / tau, dim=-1)
     log_p = F.log_softmax(rows_T / tau, dim=-1)
-    per_row = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
-    return (per_row * tau_squared).mean()
+    plain = plain_first(lambda: ((log_q.exp() * (log_q - log_p)).sum(dim=-1)
+                                 * tau_squared).mean(), log_q)
+    if plain is not None:
+        return plain
+    per_row = (log_q.exp() * _log_ratio(log_q, log_p)).sum(dim=-1)
+    loss = (per_row * tau_squared).mean()
+    if not bool(torch.isfinite(loss)):  # the one host sync; the inputs are scanned only now
+        leaked = torch.isneginf(rows_T) & ~torch.isneginf(rows_S)
+        if bool(leaked.any()):
+            raise ValueError(
+                f"reverse_kl: the teacher's logits are -inf (a masked class) at "
+                f"{int(leaked.sum())} entries where the student's are finite, so KL(q‖p) is "
+                f"infinite: the student puts mass where the teacher has none. Mask the "
+                f"student's logits at the same classes (logits_S.masked_fill("
+                f"torch.isneginf(logits_T), float('-inf'))), or use 'kl' or 'jsd', which are "
+                f"finite there")
+    return loss
+
+
+def reverse_kl_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
+                    temperature: Temperature = 1) -> torch.Tensor:
+    """Alias of :func:`kd_reverse_kl_loss` (τ² · KL(q ‖ p), mean over rows).
+
+    Kept because ``textbrewer.losses`` exported the response-level reverse KL under this
+    name before; ``textbrewer.losses.token``'s old ``reverse_kl_loss`` is the token-level
+    loss (no τ²), now :func:`~textbrewer.losses.token.token_reverse_kl_loss`. Prefer the
+    names that say which one.
+    """
+    return kd_reverse_kl_loss(logits_S, logits_T, temperature)
 
 
 @KD_LOSSES.register("jsd")
-def jsd_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
-             temperature: Temperature = 1) -> torch.Tensor:
+def kd_jsd_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
+                temperature: Temperature = 1) -> torch.Tensor:
     """Jensen–Shannon divergence between the softened distributions, times τ².
 
     Convention: natural logarithm, equal weights,
     ``JSD(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)`` with ``m = ½ (p + q)``, p = softmax(T/τ),
     q = softmax(S/τ); per row it lies in [0, ln 2] before the τ² factor. (The generalised
     JSD of Agarwal et al. 2024, arXiv:2306.13649, with β = 0.5.) Mean over rows.
+    Registered as ``'jsd'``; the token-level β-JSD for LMs, without τ², is
+    :func:`textbrewer.losses.token.token_jsd_loss`.
+
+    Always finite: a class with a -inf logit on one side adds that side's 0 · log 0 = 0.
 
     Args:
         logits_S: student logits, (N, C) or (B, L, C).
@@ -204,229 +303,35 @@ def jsd_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
     rows_S, rows_T, tau, tau_squared = _as_rows(logits_S, logits_T, temperature, "jsd")
     log_q = F.log_softmax(rows_S / tau, dim=-1)
     log_p = F.log_softmax(rows_T / tau, dim=-1)
-    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2)
-    per_row = 0.5 * (log_p.exp() * (log_p - log_m)).sum(dim=-1) \
-        + 0.5 * (log_q.exp() * (log_q - log_m)).sum(dim=-1)
+
+    def plain_jsd() -> torch.Tensor:
+        log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2)
+        return ((0.5 * (log_p.exp() * (log_p - log_m)).sum(dim=-1)
+                 + 0.5 * (log_q.exp() * (log_q - log_m)).sum(dim=-1)) * tau_squared).mean()
+
+    plain = plain_first(plain_jsd, log_p)
+    if plain is not None:
+        return plain
+    # Clamped to the lowest finite value (a no-op on finite entries): logsumexp's gradient
+    # at (-inf, -inf) is NaN, even where it is multiplied by 0 afterwards.
+    lowest = torch.finfo(log_p.dtype).min
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]).clamp(min=lowest), dim=0) \
+        - math.log(2)
+    per_row = 0.5 * (log_p.exp() * _log_ratio(log_p, log_m)).sum(dim=-1) \
+        + 0.5 * (log_q.exp() * _log_ratio(log_q, log_m)).sum(dim=-1)
     return (per_row * tau_squared).mean()
 
 
-# ---------------------------------------------------------------------- DKD
-def _target_and_rest(scaled: torch.Tensor, gold: torch.Tensor
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(R, C) scaled logits and a one-hot (R, C) gold mask ->
-
-    ``log b`` (R, 2): log [p_t, 1 − p_t], and ``log p̂`` (R, C): the log-distribution over the
-    non-target classes (0 at the target, where it is not used).
-    """
-    log_all = torch.logsumexp(scaled, dim=-1)
-    rest = scaled.masked_fill(gold, float("-inf"))
-    log_rest = torch.logsumexp(rest, dim=-1)
-    log_target = (scaled * gold).sum(dim=-1)
-    log_binary = torch.stack([log_target - log_all, log_rest - log_all], dim=-1)
-    log_hat = (rest - log_rest.unsqueeze(-1)).masked_fill(gold, 0.0)
-    return log_binary, log_hat
-
-
-def dkd_loss(logits_S: torch.Tensor, logits_T: torch.Tensor, temperature: Temperature = 1,
-             *, labels: Optional[torch.Tensor] = None, alpha: float = 1.0,
-             beta: float = 8.0) -> torch.Tensor:
-    """Decoupled Knowledge Distillation (Zhao, Cui, Song, Qiu, Liang, 2022, arXiv:2203.08679).
-
-    With t the gold class, p = softmax(T/τ) and q = softmax(S/τ):
-
-    - TCKD = KL(b^T ‖ b^S), b = [p_t, 1 − p_t] (target vs all non-target classes);
-    - NCKD = KL(p̂^T ‖ p̂^S), p̂_c = p_c / (1 − p_t) for c ≠ t (the non-target distribution);
-    - per row, the classical KD is ``KL(p ‖ q) = TCKD + (1 − p_t^T) · NCKD`` (p_t^T the
-      *teacher's* target probability); DKD frees the weights:
-      ``loss = τ² · (α · TCKD + β · NCKD)``, mean over rows.
-
-    Rows whose label is negative (e.g. -100 padding) are left out of the mean (an
-    all-ignored batch gives 0). Labels must otherwise lie in [0, C). The paper ramps the DKD
-    term up over the first epochs: use the ``['warmup', fraction]`` weight schedule on the
-    KD weight for that.
-
-    Config forms: ``'dkd'`` (α = 1, β = 8, the paper's CIFAR-100 setting) or
-    ``['dkd', alpha, beta]``.
-
-    Args:
-        logits_S: student logits, (N, C) or (B, L, C), C ≥ 2.
-        logits_T: teacher logits, same shape.
-        temperature: float, or a tensor of the logits' shape without C.
-        labels: gold classes, (N,) or (B, L) (anything with one entry per row), integer.
-        alpha: weight of TCKD.
-        beta: weight of NCKD.
-
-    Returns:
-        Scalar tensor; 0 when the student's distribution equals the teacher's.
-
-    Raises:
-        ValueError: no labels, a label count that is not one per row, or C < 2.
-    """
-    if labels is None:
-        raise ValueError("dkd (Decoupled KD) needs the gold labels: call it with labels=..., "
-                         "and have the student's adaptor return 'labels'")
-    rows_S, rows_T, tau, tau_squared = _as_rows(logits_S, logits_T, temperature, "dkd")
-    classes = rows_S.size(-1)
-    if classes < 2:
-        raise ValueError(f"dkd: needs at least 2 classes, got logits of shape "
-                         f"{tuple(logits_S.shape)}")
-    labels = labels.reshape(-1).to(rows_S.device)
-    if labels.numel() != rows_S.size(0):
-        raise ValueError(f"dkd: {labels.numel()} labels (shape {tuple(labels.shape)}) for "
-                         f"{rows_S.size(0)} rows of logits {tuple(logits_S.shape)}")
-    kept = labels >= 0
-    gold = torch.arange(classes, device=rows_S.device) == labels.clamp(min=0).unsqueeze(-1)
-    log_b_S, log_hat_S = _target_and_rest(rows_S / tau, gold)
-    log_b_T, log_hat_T = _target_and_rest(rows_T / tau, gold)
-    tckd = (log_b_T.exp() * (log_b_T - log_b_S)).sum(dim=-1)
-    hat_T = log_hat_T.exp().masked_fill(gold, 0.0)
-    nckd = (hat_T * (log_hat_T - log_hat_S)).sum(dim=-1)
-    per_row = (alpha * tckd + beta * nckd) * tau_squared
-    weights = kept.to(per_row.dtype)
-    return safe_divide((per_row * weights).sum(), weights.sum())
-
-
-def dkd_loss_builder(alpha: float = 1.0, beta: float = 8.0) -> Callable[..., torch.Tensor]:
-    """``['dkd', alpha, beta]``: :func:`dkd_loss` with the given weights.
-
-    Returns:
-        ``loss(logits_S, logits_T, temperature=1, *, labels) -> scalar``.
-    """
-
-    def dkd(logits_S: torch.Tensor, logits_T: torch.Tensor, temperature: Temperature = 1,
-            *, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return dkd_loss(logits_S, logits_T, temperature, labels=labels, alpha=alpha, beta=beta)
-
-    dkd.__doc__ = f"Decoupled KD with alpha={alpha}, beta={beta}; see dkd_loss."
-    return dkd
-
-
-KD_LOSSES.add("dkd", _loss_with_parameters(dkd_loss, dkd_loss_builder))
-
-
-# ---------------------------------------------------------------------- DIST
-def _pearson_rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of each row pair of two (R, K) tensors -> (R,).
-
-    A constant row has no correlation defined; it gets 0 (its norm is clamped, not added to).
-    """
-    first = first - first.mean(dim=-1, keepdim=True)
-    second = second - second.mean(dim=-1, keepdim=True)
-    tiny = torch.finfo(first.dtype).tiny
-    norms = ((first * first).sum(dim=-1) * (second * second).sum(dim=-1)).clamp(min=tiny)
-    return (first * second).sum(dim=-1) / norms.sqrt()
-
-
-def dist_loss(logits_S: torch.Tensor, logits_T: torch.Tensor, temperature: Temperature = 1,
-              *, beta: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
-    """DIST (Huang, You, Wang, Qian, Xu, 2022, arXiv:2205.10536): relations, not values.
-
-    With Y^S = softmax(S/τ) and Y^T = softmax(T/τ) as (R, C) matrices (all leading
-    dimensions flattened into R rows) and ρ the Pearson correlation:
-
-    - inter-class: ``1 − mean_i ρ(Y^S_i,:, Y^T_i,:)`` (each row's class ranking);
-    - intra-class: ``1 − mean_c ρ(Y^S_:,c, Y^T_:,c)`` (each class over the batch);
-    - ``loss = β · τ² · inter + γ · τ² · intra``.
-
-    Both correlations are invariant to a positive scale and a shift, so the student only
-    has to match the teacher up to those. With a per-row temperature, the inter-class term
-    weights each row by its τ², the intra-class term (which mixes rows) by the mean τ².
-    Defaults β = γ = 1 as in the authors' code (``['dist', beta, gamma]`` for others).
-
-    Args:
-        logits_S: student logits, (N, C) or (B, L, C); at least 2 rows for the intra term.
-        logits_T: teacher logits, same shape.
-        temperature: float, or a tensor of the logits' shape without C.
-        beta: weight of the inter-class relation.
-        gamma: weight of the intra-class relation.
-
-    Returns:
-        Scalar tensor; 0 when the student's probabilities equal the teacher's.
-    """
-    rows_S, rows_T, tau, tau_squared = _as_rows(logits_S, logits_T, temperature, "dist")
-    probs_S = F.softmax(rows_S / tau, dim=-1)
-    probs_T = F.softmax(rows_T / tau, dim=-1)
-    inter = ((1 - _pearson_rows(probs_S, probs_T)) * tau_squared).mean()
-    mean_tau_squared = tau_squared.mean() if isinstance(tau_squared, torch.Tensor) \
-        else tau_squared
-    intra = (1 - _pearson_rows(probs_S.t(), probs_T.t())).mean() * mean_tau_squared
-    return beta * inter + gamma * intra
-
-
-def dist_loss_builder(beta: float = 1.0, gamma: float = 1.0) -> Callable[..., torch.Tensor]:
-    """``['dist', beta, gamma]``: :func:`dist_loss` with the given weights.
-
-    Returns:
-        ``loss(logits_S, logits_T, temperature=1) -> scalar``.
-    """
-
-    def dist(logits_S: torch.Tensor, logits_T: torch.Tensor,
+def jsd_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
              temperature: Temperature = 1) -> torch.Tensor:
-        return dist_loss(logits_S, logits_T, temperature, beta=beta, gamma=gamma)
+    """Alias of :func:`kd_jsd_loss` (τ² · JSD with equal weights, mean over rows).
 
-    dist.__doc__ = f"DIST with beta={beta}, gamma={gamma}; see dist_loss."
-    return dist
-
-
-KD_LOSSES.add("dist", _loss_with_parameters(dist_loss, dist_loss_builder))
-
-
-# ---------------------------------------------------------------------- logit standardisation
-def logit_standardization(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Z-scores each row of logits (Sun, Ren, Li, Wang, Cao, 2024, arXiv:2403.01427).
-
-    ``Z(z) = (z − mean(z)) / std(z)`` over the class dimension, with the unbiased (Bessel)
-    standard deviation as in the authors' code; the variance is clamped at eps² (a constant
-    row gives zeros rather than NaN).
-
-    Args:
-        logits: (…, C), C ≥ 2.
-        eps: floor of the standard deviation.
-
-    Returns:
-        Tensor of the same shape, each row with mean 0 and (unbiased) std 1.
+    Kept because ``textbrewer.losses`` exported the response-level JSD under this name
+    before; ``textbrewer.losses.token``'s old ``jsd_loss`` is the token-level β-JSD (no
+    τ²), now :func:`~textbrewer.losses.token.token_jsd_loss`. Prefer the names that say
+    which one.
     """
-    centred = logits - logits.mean(dim=-1, keepdim=True)
-    variance = (centred * centred).sum(dim=-1, keepdim=True) / (logits.size(-1) - 1)
-    return centred / variance.clamp(min=eps * eps).sqrt()
-
-
-def standardized_loss_builder(base: Any = "kl") -> Callable[..., torch.Tensor]:
-    """``['logit_std', base]``: the KD loss ``base`` on z-scored logits (Sun et al., 2024).
-
-    ``loss(S, T, τ) = base(Z(S), Z(T), τ)`` with Z from :func:`logit_standardization`; τ
-    then acts as the paper's base temperature on standardised logits. ``base`` is any
-    registered KD loss spec (``'kl'``, ``['dkd', 1, 8]``, …) or a callable; keyword
-    arguments (``labels=``) are passed through, and the returned loss has ``base``'s
-    signature.
-
-    Returns:
-        ``loss(logits_S, logits_T, temperature=1, **kwargs) -> scalar``.
-    """
-    inner = base if callable(base) else KD_LOSSES.resolve(base)
-
-    def standardized(logits_S: torch.Tensor, logits_T: torch.Tensor,
-                     temperature: Temperature = 1, **kwargs: Any) -> torch.Tensor:
-        return inner(logit_standardization(logits_S), logit_standardization(logits_T),
-                     temperature, **kwargs)
-
-    standardized.__signature__ = inspect.signature(inner)
-    standardized.__doc__ = f"{base!r} on standardised logits; see standardized_loss_builder."
-    return standardized
-
-
-def _standardized_kl(logits_S: torch.Tensor, logits_T: torch.Tensor,
-                     temperature: Temperature = 1) -> torch.Tensor:
-    """τ² · KL on z-scored logits (Sun et al., 2024, arXiv:2403.01427): ``'logit_std'``.
-
-    ``['logit_std', base]`` wraps any other registered KD loss; see
-    :func:`standardized_loss_builder`.
-    """
-    return kd_kl_loss(logit_standardization(logits_S), logit_standardization(logits_T),
-                      temperature)
-
-
-KD_LOSSES.add("logit_std", _loss_with_parameters(_standardized_kl, standardized_loss_builder))
+    return kd_jsd_loss(logits_S, logits_T, temperature)
 
 
 # ---------------------------------------------------------------------- multi-label
@@ -441,6 +346,10 @@ def bce_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
     binary entropy per label: minimal there, not 0 (subtract that entropy for the binary
     KL). For multi-label tasks, where a softmax over labels is the wrong model.
 
+    Entries where the teacher's logit is -inf (masked labels) are left out of the mean,
+    whatever the student's logit there; a student logit of -inf gives 0 against a target
+    of 0 and ``+inf`` against a positive one.
+
     Args:
         logits_S: student logits, (N, C) or (B, L, C).
         logits_T: teacher logits, same shape.
@@ -450,6 +359,14 @@ def bce_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
         Scalar tensor.
     """
     rows_S, rows_T, tau, tau_squared = _as_rows(logits_S, logits_T, temperature, "bce")
-    per_entry = F.binary_cross_entropy_with_logits(rows_S / tau, torch.sigmoid(rows_T / tau),
-                                                   reduction="none")
-    return (per_entry.mean(dim=-1) * tau_squared).mean()
+    masked = torch.isneginf(rows_T)
+    scaled_S = rows_S / tau
+    targets = torch.sigmoid(rows_T / tau)
+    absent = torch.isneginf(scaled_S)  # σ = 0: the entry is 0 · log 0 + log 1, or +inf
+    ignored = masked | absent
+    per_entry = F.binary_cross_entropy_with_logits(torch.where(ignored, 0.0, scaled_S),
+                                                   targets, reduction="none")
+    per_entry = torch.where(ignored, 0.0, per_entry)
+    per_entry = torch.where(absent & ~masked & (targets > 0), float("inf"), per_entry)
+    per_row = rescaled(per_entry.mean(dim=-1), rows_S.size(-1), (~masked).sum(dim=-1))
+    return (per_row * tau_squared).mean()

@@ -26,6 +26,7 @@ from torch.func import functional_call
 from ..adaptors import AdaptorError
 from ..configurations import DistillationConfig, TrainingConfig
 from ..distillers.engine import Phase
+from ..training.phase import check_optimizer_holds
 from ..distillers.general import CustomMatch, GeneralDistiller
 
 __all__ = ["AdversarialDistiller", "MLPDiscriminator", "frozen_call"]
@@ -55,6 +56,8 @@ class MLPDiscriminator(nn.Module):
         if input_dim < 1 or hidden_size < 1 or num_layers < 1:
             raise ValueError(f"MLPDiscriminator needs positive sizes, got input_dim="
                              f"{input_dim}, hidden_size={hidden_size}, num_layers={num_layers}")
+        #: D, the width of the rows it scores
+        self.input_dim = input_dim
         layers: List[nn.Module] = []
         width = input_dim
         for _ in range(num_layers):
@@ -112,6 +115,12 @@ class AdversarialDistiller(GeneralDistiller):
                             f"{type(model_T).__name__}")
         if feature not in ("logits", "hidden"):
             raise ValueError(f"feature must be 'logits' or 'hidden', got {feature!r}")
+        for name, value in (("temperature", temperature),
+                            ("adversarial_weight", adversarial_weight),
+                            ("discriminator_lr", discriminator_lr)):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if temperature is not None and not temperature > 0:
             raise ValueError(f"temperature must be positive or None, got {temperature!r}")
         if adversarial_weight < 0:
@@ -129,13 +138,13 @@ class AdversarialDistiller(GeneralDistiller):
             discriminator_optimizer = torch.optim.Adam(discriminator.parameters(),
                                                        lr=discriminator_lr, betas=(0.5, 0.999))
         else:
-            held = {id(p) for g in discriminator_optimizer.param_groups for p in g["params"]}
-            if not held & {id(p) for p in discriminator.parameters()}:
-                raise ValueError("discriminator_optimizer holds none of the discriminator's "
-                                 "parameters; build it from discriminator.parameters()")
-            if held & {id(p) for p in model_S.parameters()}:
-                raise ValueError("discriminator_optimizer holds student parameters; the "
-                                 "student has its own optimizer (the one given to train())")
+            check_optimizer_holds(discriminator_optimizer, "discriminator_optimizer",
+                                  discriminator.parameters(), "the discriminator's parameters",
+                                  "discriminator.parameters()",
+                                  changes="the discriminator's phase",
+                                  forbidden=[(model_S.parameters(), "parameters of the student",
+                                              "the student has its own optimizer (the one "
+                                              "given to train())")])
         #: the discriminator D and its optimizer / scheduler
         self.discriminator = discriminator
         self.discriminator_optimizer = discriminator_optimizer
@@ -178,8 +187,21 @@ class AdversarialDistiller(GeneralDistiller):
 
     def _scores(self, rows: torch.Tensor, frozen: bool) -> torch.Tensor:
         discriminator = self.discriminator
-        scores = (frozen_call(discriminator, rows) if frozen
-                  else self.wrapped(discriminator)(rows))
+        expected = getattr(discriminator, "input_dim", None)
+        if isinstance(expected, int) and rows.shape[-1] != expected:
+            raise AdaptorError(f"AdversarialDistiller: the discriminator takes rows of width "
+                               f"{expected} (input_dim), but the {self.feature} rows it is "
+                               f"given are {tuple(rows.shape)} (index={self.index}); set "
+                               f"input_dim={rows.shape[-1]}")
+        try:
+            scores = (frozen_call(discriminator, rows) if frozen
+                      else self.wrapped(discriminator)(rows))
+        except RuntimeError as error:
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            raise AdaptorError(f"AdversarialDistiller: the discriminator "
+                               f"({type(discriminator).__name__}) failed on the {self.feature} "
+                               f"rows of shape {tuple(rows.shape)}: {error}") from error
         return scores.reshape(-1).float()
 
     def discriminator_loss(self, batch: Any, args: Dict[str, Any]):

@@ -32,6 +32,7 @@ from ..adaptors import AdaptorError
 from ..configurations import DistillationConfig, TrainingConfig
 from ..distillers.basic import BasicDistiller
 from ..distillers.engine import AbstractDistiller, Phase, forward_model
+from ..training.phase import check_optimizer_holds
 from .adversarial import frozen_call
 
 __all__ = ["NoiseBatches", "MLPGenerator", "DFADDistiller", "SyntheticBatch",
@@ -92,7 +93,7 @@ class NoiseBatches:
 
 
 class MLPGenerator(nn.Module):
-    """A small generator ``z -> x`` (DFAD's, as an MLP): Linear, BatchNorm, LeakyReLU
+    r"""A small generator ``z -> x`` (DFAD's, as an MLP): Linear, BatchNorm, LeakyReLU
     blocks, then a Linear to the output and an optional squashing.
 
     Args:
@@ -191,6 +192,14 @@ class DFADDistiller(BasicDistiller):
             raise TypeError(f"generator must be an nn.Module, got {type(generator).__name__}")
         if discrepancy not in ("l1", "kd"):
             raise ValueError(f"discrepancy must be 'l1' or 'kd', got {discrepancy!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1 (noise vectors per batch), "
+                             f"got {batch_size!r}")
+        if generator_optimizer is not None and \
+                not isinstance(generator_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"generator_optimizer must be a torch.optim.Optimizer over the "
+                            f"generator's parameters (or None for Adam), got "
+                            f"{type(generator_optimizer).__name__}")
         if noise_shape is None:
             if not hasattr(generator, "noise_dim"):
                 raise ValueError("give noise_shape (the shape of one noise vector): the "
@@ -202,9 +211,11 @@ class DFADDistiller(BasicDistiller):
         self.generator = generator.to(self.runtime.device)
         if generator_optimizer is None:
             generator_optimizer = torch.optim.Adam(generator.parameters(), lr=generator_lr)
-        held = {id(p) for g in generator_optimizer.param_groups for p in g["params"]}
-        if not held & {id(p) for p in generator.parameters()}:
-            raise ValueError("generator_optimizer holds none of the generator's parameters")
+        check_optimizer_holds(generator_optimizer, "generator_optimizer", generator.parameters(),
+                              "the generator's parameters", "generator.parameters()",
+                              changes="the generator's phase",
+                              forbidden=[(model_S.parameters(), "parameters of the student",
+                                          "the student has its own optimizer")])
         self.generator_optimizer = generator_optimizer
         self.generator_scheduler = generator_scheduler
         self.generator_max_grad_norm = generator_max_grad_norm
@@ -215,7 +226,7 @@ class DFADDistiller(BasicDistiller):
 
     def train(self, optimizer: torch.optim.Optimizer, dataloader: Any = None, *args,
               **kwargs) -> None:
-        """As :meth:`~textbrewer.distillers.engine.AbstractDistiller.train`; without a
+        """As :meth:`~textbrewer.distillers.compat.TextBrewerFacade.train`; without a
         ``dataloader``, noise batches (:class:`NoiseBatches`, one batch per "epoch")."""
         if dataloader is None:
             seed = (self.t_config.seed or 0) + self.runtime.rank
@@ -255,7 +266,16 @@ class DFADDistiller(BasicDistiller):
         """The generator phase: ``-discrepancy`` on ``G(z)``; teacher and student frozen."""
         x = self.wrapped(self.generator)(self.noise(batch))
         model_batch = self._model_batch(x)
-        outputs_T = forward_model(functools.partial(frozen_call, self.model_T), model_batch, args)
+        try:
+            outputs_T = forward_model(functools.partial(frozen_call, self.model_T), model_batch,
+                                      args)
+        except RuntimeError as error:
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            raise ValueError(f"DFADDistiller: the teacher failed on the generator's output of "
+                             f"shape {tuple(x.shape)} ({error}); the generator must produce the "
+                             f"inputs the models take (its output_shape, or to_batch)"
+                             ) from error
         outputs_S = forward_model(functools.partial(frozen_call, self.model_S), model_batch, args)
         results_T = self.adapt_teacher(model_batch, outputs_T)
         results_S = self.adapt(self.adaptor_S, model_batch, outputs_S, "the student's adaptor")
@@ -292,7 +312,7 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 class SyntheticBatch(nn.Module):
-    """A batch of inputs being optimised, and the classes they should become.
+    r"""A batch of inputs being optimised, and the classes they should become.
 
     Args:
         inputs: (B, \*input_shape) initial values (e.g. noise); becomes a Parameter.
@@ -364,6 +384,7 @@ class DeepInversionSynthesizer(AbstractDistiller):
                              "DeepInversion's main term needs one (or set bn_weight=0)")
         self._bn_terms: List[torch.Tensor] = []
         self._handles: List[Any] = []
+        self._targets_checked = False
 
     def train(self, optimizer: torch.optim.Optimizer, dataloader: Any = None, *args,
               **kwargs) -> None:
@@ -401,6 +422,12 @@ class DeepInversionSynthesizer(AbstractDistiller):
         logits = self.adapt(self.adaptor_T, model_batch, outputs,
                             "the teacher's adaptor")["logits"][0]
         targets = self.model_S.targets
+        if not self._targets_checked and targets.numel() and \
+                not 0 <= int(targets.min()) <= int(targets.max()) < logits.size(-1):
+            raise ValueError(f"SyntheticBatch targets must be classes in [0, {logits.size(-1)}) "
+                             f"of the teacher's logits {tuple(logits.shape)}, got "
+                             f"{targets.tolist()[:8]}")
+        self._targets_checked = True  # once: the check reads them on the host
         zero = x.sum() * 0
         bn = zero
         for index, term in enumerate(bn_terms):

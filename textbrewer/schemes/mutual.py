@@ -27,6 +27,7 @@ from ..adaptors import AdaptorError
 from ..configurations import DistillationConfig, TrainingConfig
 from ..distillers.basic import BasicDistiller
 from ..distillers.engine import Phase, forward_model, split_batch
+from ..training.phase import check_optimizer_holds
 from ..logs import logger
 
 __all__ = ["MutualLearningDistiller", "peer_checkpoint_path"]
@@ -114,6 +115,11 @@ class MutualLearningDistiller(BasicDistiller):
         self.students: List[nn.Module] = list(students)
         self.student_adaptors: List[Callable] = adaptors
         peers = self.students[1:]
+        for name, given in (("optimizers", optimizers), ("schedulers", schedulers)):
+            if given is not None and not isinstance(given, (list, tuple)):
+                raise TypeError(f"{name} must be a list with one entry per student after the "
+                                f"first ({len(peers)}: students[1:]), e.g. {name}=[...], got "
+                                f"{type(given).__name__}")
         if optimizers is not None:
             optimizers = list(optimizers)
             if len(optimizers) != len(peers):
@@ -139,20 +145,12 @@ class MutualLearningDistiller(BasicDistiller):
 
     # ------------------------------------------------------------------------------ checks
     def _check_peer_optimizer(self, index: int, optimizer: Any, peer: nn.Module) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizers[{index - 1}] (student {index}) must be a "
-                            f"torch.optim.Optimizer, got {type(optimizer).__name__}")
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        own = {id(p) for p in peer.parameters()}
-        others = {id(p) for i, s in enumerate(self.students) if i != index
-                  for p in s.parameters()} - own
-        if not held & own:
-            raise ValueError(f"optimizers[{index - 1}] holds none of student {index}'s "
-                             f"parameters; build it from students[{index}].parameters()")
-        if held & others:
-            raise ValueError(f"optimizers[{index - 1}] (student {index}) also holds "
-                             f"{len(held & others)} parameters of another student: each "
-                             f"student needs an optimizer of its own")
+        others = [p for i, s in enumerate(self.students) if i != index for p in s.parameters()]
+        check_optimizer_holds(optimizer, f"optimizers[{index - 1}] (student {index})",
+                              peer.parameters(), f"student {index}'s parameters",
+                              f"students[{index}].parameters()", changes="its phase",
+                              forbidden=[(others, "parameters of another student",
+                                          "each student needs an optimizer of its own")])
 
     def initialize_training(self, optimizer, scheduler_class, scheduler_args, scheduler):
         # Remember how student 0's scheduler is built, to build the others' the same way.
@@ -162,12 +160,11 @@ class MutualLearningDistiller(BasicDistiller):
             logger.warning("MutualLearningDistiller: a ready `scheduler` schedules student 0 "
                            "only; pass scheduler_class/scheduler_args to train() (or "
                            "schedulers=[...]) to schedule every student")
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        peers = {id(p) for s in self.students[1:] for p in s.parameters()}
-        if held & peers:
-            raise ValueError("the optimizer given to train() holds parameters of students[1:]; "
-                             "build it from students[0].parameters() only (each student has "
-                             "an optimizer of its own)")
+        check_optimizer_holds(optimizer, "the optimizer given to train()", (), "", "",
+                              forbidden=[([p for s in self.students[1:] for p in s.parameters()],
+                                          "parameters of students[1:]", "build it from "
+                                          "students[0].parameters() only (each student has an "
+                                          "optimizer of its own)")])
         return super().initialize_training(optimizer, scheduler_class, scheduler_args, scheduler)
 
     # ------------------------------------------------------------------------------ phases

@@ -246,8 +246,8 @@ class QATDistiller(GeneralDistiller):
                 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
             self.model_S.apply(freeze_bn_stats)
 
-    def _reset_schedules(self) -> None:
-        super()._reset_schedules()
+    def reset_schedules(self) -> None:
+        super().reset_schedules()
         if self.freeze_observers_at == 0:
             set_observers(self.model_S, False)
 

@@ -105,7 +105,10 @@ class SelfDistiller(AbstractDistiller):
         self.feature_weight = float(feature_weight)
         self.deepest_label_weight = float(deepest_label_weight)
         self.feature_loss_name = feature_loss
-        self.feature_loss = MATCH_LOSSES[feature_loss] if feature_weight > 0 else None
+        try:
+            self.feature_loss = MATCH_LOSSES[feature_loss] if feature_weight > 0 else None
+        except KeyError as error:
+            raise ValueError(f"feature_loss: {error}") from None
         self.feature_projections: List[Optional[nn.Module]] = list(feature_projections or [])
         for index, projection in enumerate(self.feature_projections):
             if projection is not None and not callable(projection):
@@ -127,7 +130,7 @@ class SelfDistiller(AbstractDistiller):
     def update_schedules(self, progress: float) -> None:
         self.composer.update_weights(progress)
 
-    def _reset_schedules(self) -> None:
+    def reset_schedules(self) -> None:
         self.composer.reset_weights()
 
     # the loss --------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ def _prior(weights: Optional[Sequence[float]], count: int) -> List[float]:
         return [1.0] * count
     values = [float(w) for w in weights]
     if len(values) != count:
-        raise ValueError(f"{len(values)} teacher weights for {count} teachers")
+        raise ValueError(f"weights: {len(values)} teacher weights for {count} teachers "
+                         f"(one per teacher, in model_T's order)")
     if any(not math.isfinite(w) or w < 0 for w in values) or not any(values):
         raise ValueError(f"teacher weights must be finite, ≥ 0 and not all 0, got {values}")
     # scaled so that equal weights become exactly 1.0 (then the weighted target is the

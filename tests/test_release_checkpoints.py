@@ -1,0 +1,52 @@
+"""Checkpoints written by an earlier release resume in this one, to the same weights.
+
+tests/data/release_checkpoints/ holds runs interrupted half-way, written by the commit
+recorded in each ``expected.pt`` (tests/data/make_release_checkpoints.py made them), and
+the module states that the same runs reached uninterrupted in that release. Resuming them
+here must end bit for bit on those states: the training-state format, the RNG streams and
+the arithmetic of a resumed run are all part of the compatibility promise.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+import test_resume
+import test_schemes_multiphase
+from textbrewer.checkpoint import latest_state_path
+from textbrewer.utils import seed_everything
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "release_checkpoints")
+CASES = {"general_steps": "steps", "general_epochs": "epochs", "multitask": "multitask",
+         "caching": "caching", "adversarial": None, "mutual": None}
+
+
+def _resume(name, output_dir):
+    kind = CASES[name]
+    if kind is None:
+        return test_schemes_multiphase.RUNS[name](output_dir, resume="latest", init_seed=77)
+    train, _ = test_resume.CASES[kind]
+    weights, _ = test_resume._run(kind, output_dir, resume_from="latest", init_seed=77, **train)
+    return [weights]
+
+
+def test_every_case_has_its_files():
+    assert sorted(os.listdir(DATA)) == sorted(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_release_checkpoint_resumes_to_the_same_weights(tmp_path, name):
+    expected = torch.load(os.path.join(DATA, name, "expected.pt"), weights_only=True)
+    output_dir = tmp_path / name
+    shutil.copytree(os.path.join(DATA, name, "cut"), output_dir)
+    latest = latest_state_path(str(output_dir))
+    assert os.path.basename(latest) == f"gs{expected['stop_at']}.train_state.pt"
+    seed_everything(999)  # everything must come from the files
+    resumed = _resume(name, output_dir)
+    assert len(resumed) == len(expected["states"])
+    for reference, state in zip(expected["states"], resumed):
+        assert reference.keys() == state.keys()
+        for key in reference:
+            assert torch.equal(reference[key], state[key]), (
+                f"{name}: {key} differs from the run of commit {expected['commit'][:7]}")

@@ -1,0 +1,357 @@
+"""What the causal and the encoder-decoder distillers share: :class:`~textbrewer.distillers.lm.base.LMDistillerBase`."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ...configurations import DistillationConfig, TrainingConfig
+from ...logs import logger
+from ...losses.token import TopKTeacher, fused_token_distillation_loss, token_distillation_loss
+from ..basic import BasicDistiller
+from ..composer import check_same_device
+from .alignment import CausalAlignment, PreparedBatch, cached_topk
+from .config import LMDistillationConfig
+from .generation import Sampler
+from .heads import (call_model, check_fused_head, head_bias, hidden_before_head, logits_of,
+                    output_head, vocab_size)
+
+__all__ = ["LMDistillerBase"]
+
+
+class LMDistillerBase(BasicDistiller):
+    """What the causal and the encoder-decoder distillers share; see
+    :class:`~textbrewer.distillers.lm.CausalLMDistiller`.
+
+    A subclass names its target rule (``alignment_class``: how the logits line up with
+    the labels, which keys a model gets) and how a model's own continuation becomes a
+    batch (:meth:`generated_batch`).
+    """
+
+    supports_logits_caching = False
+    # the fused loss uses the LM head's weight after the forward pass: DDP must not count
+    # it as unused there
+    ddp_find_unused_parameters = False
+    #: the target rule: :class:`~textbrewer.distillers.lm.alignment.CausalAlignment` or
+    #: :class:`~textbrewer.distillers.lm.alignment.Seq2SeqAlignment`
+    alignment_class = CausalAlignment
+
+    def __init__(self, train_config: TrainingConfig, distill_config: DistillationConfig,
+                 model_T: Optional[nn.Module], model_S: nn.Module,
+                 adaptor_T: Optional[Callable] = None, adaptor_S: Optional[Callable] = None,
+                 lm_config: Optional[LMDistillationConfig] = None, *,
+                 lm_head_T: Optional[nn.Module] = None, lm_head_S: Optional[nn.Module] = None):
+        if lm_config is None:
+            lm_config = LMDistillationConfig()
+        if not isinstance(lm_config, LMDistillationConfig):
+            raise TypeError(f"lm_config must be an LMDistillationConfig, got "
+                            f"{type(lm_config).__name__}")
+        if isinstance(distill_config, DistillationConfig):
+            if distill_config.temperature_scheduler not in ("none", "constant"):
+                raise ValueError(f"{type(self).__name__} uses a fixed temperature; "
+                                 f"temperature_scheduler={distill_config.temperature_scheduler!r}"
+                                 f" is not supported (use 'none')")
+            if distill_config.probability_shift:
+                raise ValueError(f"{type(self).__name__} does not support probability_shift="
+                                 f"True (a token-level divergence has no single gold label "
+                                 f"per example to swap)")
+            if distill_config.kd_loss_type != "ce":
+                logger.warning("%s ignores kd_loss_type=%r: the KD term is "
+                               "LMDistillationConfig.divergence=%r", type(self).__name__,
+                               distill_config.kd_loss_type, lm_config.divergence)
+        if model_T is not None and not isinstance(model_T, nn.Module):
+            raise TypeError(f"model_T must be a torch.nn.Module or None (training from a "
+                            f"teacher cache), got {type(model_T).__name__}")
+        if model_T is None and lm_config.seq_kd:
+            raise ValueError("seq_kd=True needs a teacher to generate, but model_T is None")
+        if model_T is None and lm_config.lmbda > 0:
+            raise ValueError(f"lmbda={lm_config.lmbda} (on-policy) needs a live teacher to "
+                             f"score the student's samples, but model_T is None (a teacher "
+                             f"cache only covers the dataset's tokens)")
+        super().__init__(train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S)
+        self.lm_config = lm_config
+        self.alignment = self.alignment_class(lm_config.ignore_index, lm_config.cache_key)
+        self.sampler = Sampler(lm_config, self.runtime, self.alignment.shifts_labels)
+        self.head_S = output_head(model_S, lm_head_S)
+        self.head_T = None if model_T is None else output_head(model_T, lm_head_T)
+        self.vocab_size_S = vocab_size(model_S, self.head_S)
+        self.vocab_size_T = None if model_T is None else vocab_size(model_T, self.head_T)
+        self._check_vocabularies()
+        self.path = self._resolve_path()
+        self._prepared: List[Tuple[Any, PreparedBatch]] = []
+        self._fused_checked = False
+
+    @property
+    def lm_config(self) -> LMDistillationConfig:
+        """The :class:`~textbrewer.distillers.lm.config.LMDistillationConfig`; assigning another reaches the sampler and the
+        target rule too."""
+        return self._lm_config
+
+    @lm_config.setter
+    def lm_config(self, config: LMDistillationConfig) -> None:
+        self._lm_config = config
+        if hasattr(self, "sampler"):
+            self.sampler.config = config
+            self.alignment.ignore_index, self.alignment.cache_key = \
+                config.ignore_index, config.cache_key
+
+    @property
+    def shifts_labels(self) -> bool:
+        """Whether the logits at t predict ``labels[t + 1]`` (causal) or ``labels[t]``."""
+        return self.alignment.shifts_labels
+
+    # setup -----------------------------------------------------------------------------------
+    def _check_vocabularies(self) -> None:
+        v_S, v_T = self.vocab_size_S, self.vocab_size_T
+        if v_S is None or v_T is None or v_S == v_T or self.lm_config.vocab_alignment:
+            return
+        raise ValueError(f"the student's vocabulary has {v_S} entries and the teacher's "
+                         f"{v_T} (from the output embeddings, else config.vocab_size); a "
+                         f"token-level loss compares the two distributions id by id. If the "
+                         f"ids agree (a padded vocabulary), pass LMDistillationConfig("
+                         f"vocab_alignment='pad') (missing columns get -inf logits); "
+                         f"different tokenizers cannot be distilled token by token")
+
+    def _resolve_path(self) -> str:
+        requested = self.lm_config.path
+        heads = self.head_S is not None and (self.model_T is None or self.head_T is not None)
+        adaptors = self.adaptor_S is not None or self.adaptor_T is not None
+        compiled = self.t_config.compile is not False
+        live_topk = self.lm_config.divergence == "topk_kl"
+        if requested == "fused":
+            problems = []
+            if self.head_S is None:
+                problems.append("the student has no output embedding (get_output_embeddings() "
+                                "returned no Linear; pass lm_head_S=)")
+            if self.model_T is not None and self.head_T is None:
+                problems.append("the teacher has no output embedding (pass lm_head_T=)")
+            if adaptors:
+                problems.append("adaptors are given (the fused path reads the heads' inputs, "
+                                "not an adaptor's logits)")
+            if compiled:
+                problems.append("TrainingConfig.compile is on (the fused path swaps the head "
+                                "for a capture during the forward pass)")
+            if live_topk:
+                problems.append("divergence='topk_kl' against a live teacher needs the "
+                                "teacher's logits")
+            if problems:
+                raise ValueError("path='fused' is not possible: " + "; ".join(problems))
+            return "fused"
+        if requested == "auto":
+            return "fused" if heads and not adaptors and not compiled and not live_topk \
+                else "chunked"
+        return requested
+
+    # state -----------------------------------------------------------------------------------
+    def extra_state(self) -> Dict[str, Any]:
+        """The on-policy generator's state (the coin and the sampling seeds)."""
+        return self.sampler.state_dict()
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+    # windows ---------------------------------------------------------------------------------
+    def count_window_tokens(self, batches: List[Any]) -> int:
+        """Prepares the window's micro-batches (generating where on-policy) and returns
+        their valid target tokens: the loss of each is its token sum over this count
+        (summed over ranks by the loop)."""
+        self._prepared = [(batch, self.prepare_batch(batch)) for batch in batches]
+        return sum(prepared.count for _, prepared in self._prepared)
+
+    def _take_prepared(self, batch: Any) -> PreparedBatch:
+        if self._prepared and self._prepared[0][0] is batch:
+            return self._prepared.pop(0)[1]
+        # called outside the loop's window (a direct call): prepare now
+        self._prepared = []
+        return self.prepare_batch(batch)
+
+    # batches ---------------------------------------------------------------------------------
+    def prepare_batch(self, batch: Any) -> PreparedBatch:
+        """A dataloader batch to model inputs, aligned targets and the valid-token count.
+
+        Args:
+            batch: a dict with ``input_ids`` (B, L), optional ``attention_mask`` (B, L),
+                ``labels`` (B, L) (``ignore_index`` where there is no target; for a causal
+                LM default: the input ids at attention-masked positions), an optional cached
+                teacher top-k under ``lm_config.cache_key``, and other model inputs; or
+                ``{'teacher': dict, 'student': dict}`` when the teacher has its own ids.
+        """
+        config, alignment = self.lm_config, self.alignment
+        if isinstance(batch, Mapping) and "teacher" in batch and "student" in batch:
+            teacher_batch, student_batch, separate = batch["teacher"], batch["student"], True
+        else:
+            teacher_batch = student_batch = batch
+            separate = False
+        for role, part in (("student", student_batch), ("teacher", teacher_batch)):
+            if not isinstance(part, Mapping) or "input_ids" not in part:
+                raise ValueError(f"{type(self).__name__} needs dict batches with 'input_ids' "
+                                 f"(B, L); the {role}'s batch is a {type(part).__name__}"
+                                 + (f" with keys {sorted(part)}" if isinstance(part, Mapping)
+                                    else ""))
+        source = "data"
+        if config.generates:
+            on_policy, seed = self.sampler.draw()
+            if on_policy or config.seq_kd:
+                if separate:
+                    raise ValueError("on-policy / sequence-level KD with {'teacher', "
+                                     "'student'} batches is not supported: the generated "
+                                     "tokens would have to be re-tokenised for the teacher")
+                source = "student" if on_policy else "teacher"
+                model = self.model_S if on_policy else self.model_T
+                student_batch = teacher_batch = self.generated_batch(model, student_batch, seed)
+                separate = False
+        labels = alignment.labels(student_batch)
+        aligned, valid = alignment.aligned_targets(student_batch, labels)
+        topk = None
+        cache = student_batch.get(config.cache_key) if source == "data" else None
+        if cache is None:
+            misplaced = [key for key, value in student_batch.items()
+                         if isinstance(value, Mapping) and "topk_ids" in value]
+            if misplaced:
+                raise ValueError(f"batch[{misplaced[0]!r}] holds teacher-cache rows, but "
+                                 f"LMDistillationConfig.cache_key={config.cache_key!r}: set "
+                                 f"cache_key={misplaced[0]!r} (or the collator's key="
+                                 f"{config.cache_key!r})")
+        if cache is not None:
+            topk = cached_topk(cache, valid, alignment, self.vocab_size_S, type(self).__name__)
+        elif self.model_T is None and self.composer.config.kd_loss_weight != 0:
+            raise ValueError(f"model_T is None and the batch carries no {config.cache_key!r} "
+                             f"(teacher cache rows): there is no teacher to distil from (the "
+                             f"batch has keys {sorted(student_batch)}; batches from "
+                             f"CachedTeacherCollator carry them)")
+        student_inputs = alignment.model_inputs(self.model_S, student_batch, labels)
+        teacher_inputs = None
+        if self.model_T is not None and topk is None:
+            if separate:
+                teacher_labels = teacher_batch.get("labels", labels)
+                teacher_inputs = alignment.model_inputs(self.model_T, teacher_batch,
+                                                        teacher_labels)
+                alignment.check_same_positions(student_inputs, teacher_inputs,
+                                               type(self).__name__)
+            else:
+                teacher_inputs = alignment.model_inputs(self.model_T, teacher_batch, labels)
+        count = int(valid.sum())  # the dataloader's host tensors: no device sync
+        return PreparedBatch(student_inputs, teacher_inputs, aligned, valid, topk, count, source)
+
+    def generated_batch(self, model: nn.Module, batch: Mapping, seed: int) -> Dict[str, Any]:
+        """A batch whose targets are ``model``'s generation (see the subclasses)."""
+        raise NotImplementedError
+
+    # models ----------------------------------------------------------------------------------
+    def _run_logits(self, forward: Callable, adaptor: Optional[Callable], inputs: Dict[str, Any],
+                    args: Dict[str, Any], role: str) -> torch.Tensor:
+        outputs = call_model(forward, inputs, args, role)
+        if adaptor is None:
+            logits = logits_of(outputs, role)
+        else:
+            results = self.adapt(adaptor, inputs, outputs, f"the {role}'s adaptor")
+            if "logits" not in results:
+                raise ValueError(f"the {role}'s adaptor returned no 'logits' (B, L, V)")
+            logits = results["logits"][0]
+        if logits.dim() != 3:
+            raise ValueError(f"the {role}'s logits have shape {tuple(logits.shape)}; a token-level "
+                             f"loss needs (batch, length, vocab) logits, one row per position"
+                             + (" (from its adaptor)" if adaptor is not None else ""))
+        return logits
+
+    def _run_hidden(self, model: nn.Module, forward: Callable, head: nn.Module,
+                    inputs: Dict[str, Any], args: Dict[str, Any], role: str) -> torch.Tensor:
+        """The hidden states the model's head receives, without running the head."""
+        if self.lm_config.check_fused_head and not self._fused_checked:
+            check_fused_head(model, head, inputs, args, role, self.runtime.device)
+        return hidden_before_head(model, forward, head, inputs, args, role)
+
+    # the loss --------------------------------------------------------------------------------
+    def train_on_batch(self, batch: Any, args: Dict[str, Any]):
+        prepared = self._take_prepared(batch)
+        return self.compute_token_loss(prepared, args)
+
+    def compute_token_loss(self, prepared: PreparedBatch, args: Dict[str, Any]):
+        """``kd_loss_weight · KD + hard_label_weight · CE`` over the valid target tokens,
+        divided by the window's count (``self.window_tokens``; the batch's own count when
+        called outside the loop).
+
+        Returns:
+            ``(total, {'unweighted_kd_loss', 'unweighted_hard_label_loss'})``.
+        """
+        config, runtime = self.lm_config, self.runtime
+        kd_weight = float(self.composer.kd_loss_weight)
+        ce_weight = float(self.composer.hard_label_weight)
+        labels = runtime.to_device(prepared.labels)
+        valid = runtime.to_device(prepared.valid)
+        topk = None if prepared.topk is None else TopKTeacher(
+            *(runtime.to_device(tensor) for tensor in prepared.topk))
+        student_inputs = runtime.to_device(prepared.student)
+        # The loss is kd + ce_weight·ce; the KD weight multiplies the whole, so the CE
+        # weight is divided by it. With a zero KD weight the teacher is the student itself
+        # (detached): the divergence is then exactly 0 with a zero gradient (both sides are
+        # the same computation), and only the cross-entropy trains.
+        self_teacher = kd_weight == 0
+        options = dict(divergence=config.divergence, temperature=float(self.d_config.temperature),
+                       beta=config.beta, alpha=config.alpha, tail=config.topk_tail,
+                       scale_by_temperature_squared=config.scale_by_temperature_squared,
+                       ce_weight=ce_weight if self_teacher else ce_weight / kd_weight,
+                       ignore_index=config.ignore_index, num_tokens=self.window_tokens,
+                       vocab_alignment=config.vocab_alignment, return_dict=True)
+        if topk is not None:
+            options["divergence"] = "topk_kl"
+        if self_teacher:
+            options.update(divergence="forward_kl", vocab_alignment=None)
+        run_teacher = not self_teacher and topk is None
+        if run_teacher and prepared.teacher is None:
+            raise ValueError("no teacher for this batch: model_T is None and the batch has "
+                             "no cached teacher rows")
+        if self.path == "fused":
+            hidden_S = self._run_hidden(self.model_S, self._student_forward, self.head_S,
+                                        student_inputs, args, "student")
+            bias_S = head_bias(self.model_S, self.head_S)
+            if run_teacher:
+                teacher_inputs = runtime.to_device(prepared.teacher)
+                with torch.no_grad():
+                    hidden_T = self._run_hidden(self.model_T, self._teacher_forwards,
+                                                self.head_T, teacher_inputs, args, "teacher")
+                weight_T, bias_T = self.head_T.weight, head_bias(self.model_T, self.head_T)
+            elif self_teacher:
+                hidden_T, weight_T, bias_T = hidden_S.detach(), self.head_S.weight.detach(), \
+                    None if bias_S is None else bias_S.detach()
+            else:
+                hidden_T, weight_T, bias_T = topk, None, None
+            self._fused_checked = True
+            parts = fused_token_distillation_loss(
+                hidden_S, self.head_S.weight, hidden_T, weight_T, labels, valid, bias_S=bias_S,
+                bias_T=bias_T, chunk_size=config.chunk_size, **options)
+        else:
+            logits_S = self._run_logits(self._student_forward, self.adaptor_S, student_inputs,
+                                        args, "student")
+            if run_teacher:
+                teacher_inputs = runtime.to_device(prepared.teacher)
+                with torch.no_grad():
+                    logits_T = self._run_logits(self._teacher_forwards, self.adaptor_T,
+                                                teacher_inputs, args, "teacher")
+                if config.divergence == "topk_kl":
+                    logits_T = self._live_topk(logits_T)
+            elif self_teacher:
+                logits_T = logits_S.detach()
+            else:
+                logits_T = topk
+            check_same_device("'logits'", logits_S, logits_T)
+            parts = token_distillation_loss(
+                logits_S, logits_T, labels, valid,
+                chunk_size=config.chunk_size if self.path == "chunked" else None, **options)
+        loss = parts["loss"] if self_teacher else parts["loss"] * kd_weight
+        named = {"unweighted_kd_loss": parts["kd"]}
+        if "ce" in parts:
+            named["unweighted_hard_label_loss"] = parts["ce"]
+        return loss, named
+
+    def _live_topk(self, logits_T: torch.Tensor) -> TopKTeacher:
+        """The live teacher's top-k at τ = 1 (ids and log-probs over the full vocabulary),
+        as a cache would store them (without the cache's fp16 rounding)."""
+        k = self.lm_config.topk
+        if k > logits_T.shape[-1]:
+            raise ValueError(f"topk={k} is larger than the teacher's vocabulary "
+                             f"{logits_T.shape[-1]}")
+        logprobs, ids = logits_T.float().log_softmax(-1).topk(k, dim=-1)
+        return TopKTeacher(ids, logprobs)

@@ -1,0 +1,320 @@
+"""Token-level distillation, the arithmetic: divergences per token row, the top-k teacher,
+and one chunk's value and gradient (see :mod:`textbrewer.losses.token`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+
+
+
+#: The divergences every path (dense, chunked, fused) implements.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv", "topk_kl")
+_TAILS = ("renormalize", "uniform")
+_ALIGNMENTS = (None, "pad", "truncate")
+_REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_FUSED_CHUNK_SIZE = 1024
+
+TokenCount = Union[int, torch.Tensor]
+
+
+class TopKTeacher(NamedTuple):
+    """A cached teacher: its k most likely tokens per position.
+
+    Attributes:
+        ids: (..., k) integer token ids (distinct within a row), any integer dtype.
+        logprobs: (..., k) float teacher log-probabilities at temperature 1 (over the full
+            vocabulary, so Σ exp(logprobs) ≤ 1; the rest is the tail mass).
+
+    The teacher's full distribution p̂ is rebuilt from them according to ``tail``:
+
+    * ``'renormalize'``: p̂ = softmax(logprobs / τ) on the k ids, 0 elsewhere;
+    * ``'uniform'``: at τ = 1 the tail mass 1 − Σ exp(logprobs) is spread evenly over the
+      other V − k ids; p̂ is that V-entry distribution tempered, softmax(log p̂₁ / τ).
+
+    The student's side is always its full softmax over V, so ``topk_kl`` is the true
+    KL(p̂‖q) between two distributions over V (0 when q = p̂).
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The options that define the objective, validated once by :func:`_make_spec`."""
+
+    divergence: str
+    temperature: float
+    beta: float
+    alpha: float
+    tail: str
+    kd_scale: float
+    ce_weight: float
+    vocab_alignment: Optional[str]
+
+
+def _make_spec(divergence: str, temperature: float, beta: float, alpha: float, tail: str,
+               scale_by_temperature_squared: bool, ce_weight: float,
+               vocab_alignment: Optional[str]) -> _Spec:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {divergence!r}")
+    temperature = float(temperature)
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta (jsd) must be in [0, 1], got {beta}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha (skew_kl) must be in [0, 1], got {alpha}")
+    if tail not in _TAILS:
+        raise ValueError(f"tail must be one of {list(_TAILS)}, got {tail!r}")
+    if vocab_alignment not in _ALIGNMENTS:
+        raise ValueError(f"vocab_alignment must be one of {list(_ALIGNMENTS)}, "
+                         f"got {vocab_alignment!r}")
+    ce_weight = float(ce_weight)
+    if ce_weight < 0 or not math.isfinite(ce_weight):
+        raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight}")
+    kd_scale = temperature ** 2 if scale_by_temperature_squared else 1.0
+    return _Spec(divergence, temperature, float(beta), float(alpha), tail, kd_scale, ce_weight,
+                 vocab_alignment)
+
+
+# ---------------------------------------------------------------------------------------
+# per-token divergences over log-probabilities (rows = tokens, columns = vocabulary)
+# ---------------------------------------------------------------------------------------
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for the softmax; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor,
+             a: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ_v a_v (log a_v − log b_v) per row, a = exp(log_a).
+
+    Entries with a_v = 0 contribute exactly 0 (0·log 0 = 0), in the value AND the gradient:
+    the difference is zeroed before it meets the zero, so a −inf column (padded vocabulary,
+    empty top-k tail) never produces 0·inf = NaN. (``masked_fill`` rather than
+    ``torch.where``: the same gradient, a few times faster on CPU.)
+    """
+    if a is None:
+        a = log_a.exp()
+    return (a * (log_a - log_b).masked_fill(a == 0, 0.0)).sum(-1)
+
+
+def _log_mix(log_x: torch.Tensor, log_y: torch.Tensor, weight_x: float) -> torch.Tensor:
+    """log(w·x + (1−w)·y) from log x and log y, as a logsumexp of two terms.
+
+    Never NaN when a probability underflows: the two operands are clamped to the dtype's
+    most negative finite value, because logaddexp's gradient at (−inf, −inf) is NaN.
+    """
+    lowest = torch.finfo(log_x.dtype).min
+    log_w = math.log(weight_x) if weight_x > 0 else float("-inf")
+    log_1mw = math.log1p(-weight_x) if weight_x < 1 else float("-inf")
+    return torch.logaddexp((log_x + log_w).clamp(min=lowest), (log_y + log_1mw).clamp(min=lowest))
+
+
+def _divergence_rows(spec: _Spec, log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Per-token divergence (n,) from student log q and teacher log p, both (n, V)."""
+    name = spec.divergence
+    if name == "jsd":
+        beta = spec.beta
+        if beta == 0.0:  # the ends are definitions (TRL/Liger), not limits of the formula
+            return _kl_rows(log_p, log_q)
+        if beta == 1.0:
+            return _kl_rows(log_q, log_p)
+        log_m = _log_mix(log_p, log_q, beta)  # m = β·p + (1−β)·q
+        return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
+    if name == "forward_kl":
+        return _kl_rows(log_p, log_q)
+    if name == "reverse_kl":
+        return _kl_rows(log_q, log_p)
+    if name == "skew_kl":
+        return _kl_rows(log_p, _log_mix(log_p, log_q, spec.alpha))
+    if name == "skew_reverse_kl":
+        return _kl_rows(log_q, _log_mix(log_q, log_p, spec.alpha))
+    if name == "tv":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"divergence {name!r} has no dense formula here")  # pragma: no cover
+
+
+def _topk_rows(spec: _Spec, log_q: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+               want_target: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """KL(p̂‖q) per token against a top-k teacher, and optionally p̂ as an (n, V) tensor.
+
+    Args:
+        log_q: (n, V) student log-probabilities at τ.
+        ids: (n, k) int64; logprobs: (n, k) teacher log-probs at τ = 1.
+        want_target: also return p̂ (n, V), used for the gradient q − p̂.
+    """
+    vocab, k = log_q.shape[-1], ids.shape[-1]
+    scaled = logprobs.to(log_q.dtype) / spec.temperature
+    log_q_k = log_q.gather(-1, ids)
+    if spec.tail == "renormalize" or k >= vocab:  # k = V: no tail, both options agree
+        log_p_k = torch.log_softmax(scaled, dim=-1)
+        p_k = log_p_k.exp()
+        rows = _kl_rows(log_p_k, log_q_k, p_k)
+        target = None
+        if want_target:
+            target = torch.zeros_like(log_q).scatter_(-1, ids, p_k)
+        return rows, target
+    # 'uniform': at τ = 1 every one of the V − k other ids has log-prob log(tail / (V − k)).
+    n_tail = vocab - k
+    tail = (1.0 - logprobs.to(log_q.dtype).exp().sum(-1)).clamp(min=0.0)
+    log_u = (tail / n_tail).log() / spec.temperature  # (n,), −inf when the tail is empty
+    log_z = torch.logsumexp(torch.cat([scaled, (log_u + math.log(n_tail)).unsqueeze(-1)], -1),
+                            dim=-1)
+    log_p_k = scaled - log_z.unsqueeze(-1)
+    p_k = log_p_k.exp()
+    log_p_u = log_u - log_z  # one tail entry
+    p_u = log_p_u.exp()
+    head = _kl_rows(log_p_k, log_q_k, p_k)
+    # Σ_{j∉topk} p_u (log p_u − log q_j) = (V−k)·p_u·log p_u − p_u·(Σ_all log q − Σ_topk log q)
+    sum_log_q_tail = log_q.sum(-1) - log_q_k.sum(-1)
+    tail_rows = torch.where(p_u > 0, n_tail * p_u * torch.where(p_u > 0, log_p_u, 0.0)
+                            - p_u * sum_log_q_tail, 0.0)
+    target = None
+    if want_target:
+        target = p_u.unsqueeze(-1).expand_as(log_q).clone().scatter_(-1, ids, p_k)
+    return head + tail_rows, target
+
+
+# ---------------------------------------------------------------------------------------
+# one chunk: value and gradient wrt the student's logits
+# ---------------------------------------------------------------------------------------
+def _aligned_width(spec: _Spec, v_S: int, v_T: int) -> int:
+    """The common vocabulary width (see ``vocab_alignment``)."""
+    if v_S == v_T:
+        return v_S
+    if spec.vocab_alignment == "pad":
+        return max(v_S, v_T)
+    if spec.vocab_alignment == "truncate":
+        return min(v_S, v_T)
+    raise ValueError(f"student vocabulary size {v_S} != teacher vocabulary size {v_T}; "
+                     f"pass vocab_alignment='pad' (missing columns get -inf logits) or "
+                     f"'truncate' if the ids agree on the shared range")
+
+
+def _fit(z: torch.Tensor, width: int) -> torch.Tensor:
+    """Logits over ``width`` columns: missing columns are impossible tokens (−inf, never 0)."""
+    if z.shape[-1] == width:
+        return z
+    if z.shape[-1] > width:
+        return z[..., :width]
+    return F.pad(z, (0, width - z.shape[-1]), value=float("-inf"))
+
+
+def _unalign(grad: torch.Tensor, v_S: int) -> torch.Tensor:
+    """Gradient over the aligned vocabulary -> gradient over the student's own columns."""
+    width = grad.shape[-1]
+    if width == v_S:
+        return grad
+    if width > v_S:
+        return grad[..., :v_S]
+    return F.pad(grad, (0, v_S - width))
+
+
+def _ce_rows(z_S: torch.Tensor, labels: torch.Tensor,
+             want_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Hard-label cross-entropy at τ = 1 per token, and its gradient softmax(z) − onehot."""
+    safe = labels.clamp(min=0).unsqueeze(-1)  # ignore_index rows are masked by the caller
+    lse = torch.logsumexp(z_S, dim=-1)
+    rows = lse - z_S.gather(-1, safe).squeeze(-1)
+    grad = None
+    if want_grad:
+        grad = (z_S - lse.unsqueeze(-1)).exp_()
+        grad.scatter_add_(-1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+    return rows, grad
+
+
+def _log_probs(spec: _Spec, z: torch.Tensor, width: int) -> torch.Tensor:
+    """log softmax(z / τ) over the aligned vocabulary."""
+    z = _fit(z, width)
+    return torch.log_softmax(z / spec.temperature if spec.temperature != 1.0 else z, dim=-1)
+
+
+def _chunk(spec: _Spec, student: list, teacher: Callable[[], object], v_T: int,
+           labels: Optional[torch.Tensor], valid: torch.Tensor, need_grad: bool,
+           denom: torch.Tensor
+           ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Sums over one chunk's valid tokens, and the gradient of the chunk's share of the loss.
+
+    Memory is the point of the chunked paths, so this function keeps few [n, V] tensors
+    alive: it takes the student's logits out of ``student`` (a one-element list it empties,
+    so that it holds the only reference and can drop them once used) and calls ``teacher()``
+    only after the student's log-softmax exists; after the softmaxes it works in place on
+    tensors it created, never on its inputs.
+
+    Args:
+        student: [z_S], (n, V_S) student logits in the compute dtype (fp32 or fp64), no grad.
+        teacher: returns the (n, V_T) teacher logits, or a (ids, logprobs) pair for
+            ``topk_kl``.
+        v_T: the teacher's vocabulary size (unused for ``topk_kl``).
+        labels: (n,) int64 or None; valid: (n,) bool.
+        need_grad: compute the gradient.
+        denom: 0-dim divisor of the loss (the gradient is divided by it).
+
+    Returns:
+        kd_sum (τ² factor included), ce_sum (None when ``ce_weight`` is 0), and the gradient
+        of ``(kd_sum + ce_weight · ce_sum) / denom`` wrt z_S (n, V_S), or None.
+    """
+    z_S = student.pop()
+    v_S = z_S.shape[-1]
+    tau = spec.temperature
+    invalid = ~valid.unsqueeze(-1)
+    ce_sum = ce_grad = None
+    if spec.ce_weight != 0:  # first, so z_S can be dropped early
+        ce, ce_grad = _ce_rows(z_S, labels, need_grad)
+        ce_sum = ce.masked_fill(~valid, 0.0).sum()
+    name, beta = spec.divergence, spec.beta
+    analytic = name in ("forward_kl", "reverse_kl", "topk_kl") or (
+        name == "jsd" and beta in (0.0, 1.0))
+    width = v_S if name == "topk_kl" else _aligned_width(spec, v_S, v_T)
+    grad_s = None
+    if analytic or not need_grad:
+        log_q = _log_probs(spec, z_S, width)
+        del z_S
+        if name == "topk_kl":
+            ids, logprobs = teacher()
+            rows, target = _topk_rows(spec, log_q, ids, logprobs, need_grad)
+            if need_grad:  # d KL(p̂‖q) / d(z/τ) = q − p̂
+                grad_s = log_q.exp_().sub_(target)
+        elif not analytic:
+            log_p = _log_probs(spec, _up(teacher()).to(log_q.dtype), width)
+            rows = _divergence_rows(spec, log_q, log_p)
+        elif name == "forward_kl" or (name == "jsd" and beta == 0.0):  # d/d(z/τ) = q − p
+            log_p = _log_probs(spec, _up(teacher()).to(log_q.dtype), width)
+            p = log_p.exp()
+            rows = log_p.sub_(log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
+            del log_p
+            if need_grad:
+                grad_s = log_q.exp_().sub_(p)
+        else:  # reverse KL: d KL(q‖p) / d(z/τ) = q ⊙ (log q − log p − KL)
+            log_p = _log_probs(spec, _up(teacher()).to(log_q.dtype), width)
+            q = log_q.exp()
+            diff = log_q.sub_(log_p).masked_fill_(q == 0, 0.0)
+            del log_p
+            rows = (q * diff).sum(-1)
+            if need_grad:
+                grad_s = diff.sub_(rows.unsqueeze(-1)).mul_(q)
+    else:  # the other divergences: autograd on this chunk only
+        z_S = _fit(z_S, width)
+        leaf = (z_S / tau if tau != 1.0 else z_S).detach().requires_grad_()
+        del z_S
+        log_p = _log_probs(spec, _up(teacher()).to(leaf.dtype), width)
+        with torch.enable_grad():
+            rows = _divergence_rows(spec, torch.log_softmax(leaf, dim=-1), log_p)
+            (grad_s,) = torch.autograd.grad(rows.masked_fill(~valid, 0.0).sum(), leaf)
+        rows = rows.detach()
+    kd_sum = rows.masked_fill(~valid, 0.0).sum() * spec.kd_scale
+    grad = None
+    if need_grad:  # invalid rows are zeroed, not multiplied by 0: they may hold inf
+        grad = _unalign(grad_s.masked_fill_(invalid, 0.0), v_S)
+        grad.mul_(spec.kd_scale / tau)
+        if ce_grad is not None:
+            grad.add_(ce_grad.masked_fill_(invalid, 0.0), alpha=spec.ce_weight)
+        grad.div_(denom)
+    return kd_sum, ce_sum, grad
