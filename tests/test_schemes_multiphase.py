@@ -214,9 +214,11 @@ def test_clear_errors(tmp_path):
 # --------------------------------------------------------------- beats the student alone
 @pytest.fixture(scope="module")
 def digits():
-    """Digits (flattened, [0, 1]), a fixed split, and a BN teacher trained on it."""
+    """Digits (flattened, [0, 1]), a fixed split, and a BN teacher trained on it; one torch
+    thread for this module's runs (their numbers were measured so), restored after it."""
     sklearn = pytest.importorskip("sklearn.datasets")
     from sklearn.model_selection import train_test_split
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     data = sklearn.load_digits()
     x = torch.tensor(data.data / 16.0, dtype=torch.float32)
@@ -228,7 +230,8 @@ def digits():
     teacher = MLP(64, (128, 128), 10, batch_norm=True)
     _fit_alone(teacher, train, 300, "/tmp/unused", lr=1e-3)
     teacher.eval()
-    return train, (test_x, test_y), teacher
+    yield train, (test_x, test_y), teacher
+    torch.set_num_threads(threads)
 
 
 def _loader(train, seed=0):

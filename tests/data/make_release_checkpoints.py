@@ -10,7 +10,8 @@ the current tree), for example::
 
 For each case it writes ``<case>/cut/`` (the files of the run interrupted after its
 checkpoint ``stop_at``: student weights and training states) and ``<case>/expected.pt``
-(the module states of the same run left uninterrupted, and the commit that wrote them).
+(the module states of the same run left uninterrupted, and the commit that wrote them),
+with one torch thread, as the test resumes them.
 """
 import os
 import shutil
@@ -53,6 +54,9 @@ CASES = {
 
 
 def main(destination):
+    # one thread: the expected weights must not depend on the machine's core count (the
+    # summation order of a matmul does)
+    torch.set_num_threads(1)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     os.makedirs(destination, exist_ok=True)

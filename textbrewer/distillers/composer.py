@@ -20,7 +20,8 @@ from ..logs import logger
 from ..registry import (KD_LOSSES, LOSS_MODULES, MATCH_LOSSES, PROJECTIONS,
                         TEMPERATURE_SCHEDULERS, WEIGHT_SCHEDULERS)
 
-__all__ = ["LossComposer", "select_logits_with_mask", "probability_shift_", "check_same_device"]
+__all__ = ["LossComposer", "select_logits_with_mask", "probability_shift_", "check_same_device",
+           "hard_label_sum"]
 
 Parts = Dict[str, torch.Tensor]
 
@@ -117,6 +118,16 @@ def _check_attention_maps(index: int, match: IntermediateMatch, feature_S: Any,
                 f"of shape (batch, heads, len, len) or (batch, len, len), but the {side}'s "
                 f"{match.feature} has shape {tuple(tensor.shape)} (student {_shape(feature_S)}, "
                 f"teacher {_shape(feature_T)}){hint}")
+
+
+def hard_label_sum(losses: Sequence[torch.Tensor]) -> Any:
+    """The hard-label term of TextBrewer 0.2.1: the sum over the adaptor's ``losses`` of
+    each one's mean (a scalar loss stays itself); 0 when there are none. The one place it
+    is computed, in the order 0.2.1 adds them (its numbers depend on it)."""
+    total: Any = 0
+    for loss in losses:
+        total = total + loss.mean()
+    return total
 
 
 def check_same_device(what: str, student: Any, teacher: Any) -> None:
@@ -309,9 +320,7 @@ class LossComposer(nn.Module):
             total = total + loss * weight
             parts[name] = loss
         if "losses" in results_S:
-            hard = 0
-            for loss in results_S["losses"]:
-                hard = hard + loss.mean()
+            hard = hard_label_sum(results_S["losses"])
             total = total + hard * self.hard_label_weight
             parts["unweighted_hard_label_loss"] = hard
         elif self.config.hard_label_weight > 0:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..adaptors import AdaptorError
 from ..configurations import TrainingConfig
+from .composer import hard_label_sum
 from .engine import AbstractDistiller
 
 __all__ = ["BasicTrainer"]
@@ -40,7 +41,4 @@ class BasicTrainer(AbstractDistiller):
         if not results.get("losses"):
             raise AdaptorError(f"the adaptor returned no 'losses' (keys: {sorted(results)}); "
                                f"BasicTrainer has nothing to optimise")
-        total = 0
-        for loss in results["losses"]:
-            total = total + loss.mean()
-        return total
+        return hard_label_sum(results["losses"])

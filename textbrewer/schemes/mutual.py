@@ -26,6 +26,7 @@ from .. import checkpoint as ckpt
 from ..adaptors import AdaptorError
 from ..configurations import DistillationConfig, TrainingConfig
 from ..distillers.basic import BasicDistiller
+from ..distillers.composer import hard_label_sum
 from ..distillers.engine import Phase, forward_model, split_batch
 from ..training.phase import check_optimizer_holds
 from ..logs import logger
@@ -231,9 +232,7 @@ class MutualLearningDistiller(BasicDistiller):
         total = kd * composer.kd_loss_weight
         parts = {"unweighted_kd_loss": kd}
         if "losses" in own:
-            hard = 0
-            for loss in own["losses"]:
-                hard = hard + loss.mean()
+            hard = hard_label_sum(own["losses"])
             total = total + hard * composer.hard_label_weight
             parts["unweighted_hard_label_loss"] = hard
         elif composer.hard_label_weight > 0:
