@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 import torch
 
 from .capture import CAPTURE_CHOICES
-from .presets import FEATURES, MATCHES
+from .match_presets import FEATURES, MATCHES
 from .registry import (KD_LOSSES, LOSS_MODULES, MATCH_LOSSES, PROJECTIONS,
                        TEMPERATURE_SCHEDULERS, WEIGHT_SCHEDULERS)
 

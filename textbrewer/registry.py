@@ -10,6 +10,7 @@ written ``['flsw', beta, gamma]`` and :meth:`Registry.resolve` calls the builder
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import warnings
 from collections.abc import MutableMapping
@@ -36,6 +37,9 @@ class Registry(MutableMapping):
 
     Args:
         kind: what the entries are, used in error messages ("unknown kd_loss 'cee'").
+        filled_by: the module whose import registers the built-in entries; it is imported
+            the first time the registry is read, so that a module can check names against
+            a registry (the configurations do) without importing every loss itself.
 
     Example:
         >>> losses = Registry('kd_loss')
@@ -46,10 +50,18 @@ class Registry(MutableMapping):
         6
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, filled_by: Optional[str] = None):
         self.kind = kind
-        self._entries: Dict[str, Callable] = {}
+        self._table: Dict[str, Callable] = {}
         self._builders: set = set()
+        self._filled_by = filled_by
+
+    @property
+    def _entries(self) -> Dict[str, Callable]:
+        if self._filled_by is not None:
+            module, self._filled_by = self._filled_by, None
+            importlib.import_module(module)  # its registrations come back here
+        return self._table
 
     # registration ---------------------------------------------------------------------
     def register(self, name: Optional[str] = None, *, builder: bool = False,
@@ -88,7 +100,7 @@ class Registry(MutableMapping):
 
     def is_builder(self, name: str) -> bool:
         """Whether ``name`` needs parameters (``[name, *params]``)."""
-        return name in self._builders
+        return name in self._entries and name in self._builders
 
     # lookup ---------------------------------------------------------------------------
     def names(self) -> List[str]:
@@ -200,18 +212,19 @@ class Registry(MutableMapping):
 
 
 #: KD losses on logits: ``fn(logits_S, logits_T, temperature) -> scalar``.
-KD_LOSSES = Registry("kd_loss")
+KD_LOSSES = Registry("kd_loss", filled_by="textbrewer.losses")
 #: Intermediate-match losses: ``fn(feature_S, feature_T, mask=None) -> scalar``.
-MATCH_LOSSES = Registry("match loss")
+MATCH_LOSSES = Registry("match loss", filled_by="textbrewer.losses")
 #: Projections: ``builder(dim_in, dim_out) -> nn.Module`` mapping student width to teacher width.
-PROJECTIONS = Registry("projection")
+PROJECTIONS = Registry("projection", filled_by="textbrewer.projections")
 #: Weight schedules: ``fn(progress in [0, 1]) -> weight``.
-WEIGHT_SCHEDULERS = Registry("weight scheduler")
+WEIGHT_SCHEDULERS = Registry("weight scheduler", filled_by="textbrewer.schedulers")
 #: Temperature schedules: ``fn(logits_S, logits_T, base_temperature) -> float or (N,) tensor``.
-TEMPERATURE_SCHEDULERS = Registry("temperature scheduler")
+TEMPERATURE_SCHEDULERS = Registry("temperature scheduler",
+                                  filled_by="textbrewer.schedulers")
 #: Token-level LM divergences: ``fn(logits_S, logits_T, mask=None, **options) -> scalar``
 #: (see :mod:`textbrewer.losses.token`).
-TOKEN_LOSSES = Registry("token loss")
+TOKEN_LOSSES = Registry("token loss", filled_by="textbrewer.losses")
 #: Losses that own trainable weights (regressors, embedding heads, negative queues):
 #: ``cls(**options) -> nn.Module`` whose ``forward(feature_S, feature_T, mask=None)`` is a scalar.
-LOSS_MODULES = Registry("loss module")
+LOSS_MODULES = Registry("loss module", filled_by="textbrewer.losses")
