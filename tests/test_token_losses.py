@@ -636,3 +636,34 @@ def test_user_registered_token_loss_runs_on_the_dense_path():
             TokenDistillationLoss("_test_squared_error", chunk_size=4)(logits_S, logits_T)
     finally:
         del TOKEN_LOSSES["_test_squared_error"]
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd", "reverse_kl"])
+def test_kd_weight_equals_weighting_the_divergence_by_hand(name):
+    """kd_weight · kd + ce_weight · ce, on every path, equals the two terms computed apart
+    and weighted afterwards (values and gradients), and kd_weight=1 is the plain loss."""
+    logits_S = _randn(B, L, V, seed=1).requires_grad_()
+    logits_T = _randn(B, L, V, seed=2)
+    hidden_S = _randn(B, L, HS, seed=3).requires_grad_()
+    weight_S = _randn(V, HS, seed=4).requires_grad_()
+    hidden_T, weight_T = _randn(B, L, HT, seed=5), _randn(V, HT, seed=6)
+    hidden = (hidden_S, weight_S, hidden_T, weight_T)
+    common = dict(labels=_labels(), mask=MASK, temperature=2.0)
+    weighted = _all_paths(name, logits_S, logits_T, hidden, kd_weight=0.3, ce_weight=0.7,
+                          **common)
+    kd_only = _all_paths(name, logits_S, logits_T, hidden, **common)
+    ce_only = _all_paths("forward_kl", logits_S, logits_S.detach(),
+                         (hidden_S, weight_S, hidden_S.detach(), weight_S.detach()),
+                         kd_weight=0.0, ce_weight=1.0, **common)
+    for path in weighted:
+        loss, grads = weighted[path]
+        expected = 0.3 * kd_only[path][0] + 0.7 * ce_only[path][0]
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12, msg=path)
+        for grad, kd_grad, ce_grad in zip(grads, kd_only[path][1], ce_only[path][1]):
+            torch.testing.assert_close(grad, 0.3 * kd_grad + 0.7 * ce_grad, rtol=1e-9,
+                                       atol=1e-12, msg=path)
+    plain = token_distillation_loss(logits_S, logits_T, divergence=name, **common)
+    assert torch.equal(token_distillation_loss(logits_S, logits_T, divergence=name,
+                                               kd_weight=1.0, **common), plain)
+    with pytest.raises(ValueError, match="kd_weight must be a finite number >= 0"):
+        token_distillation_loss(logits_S, logits_T, kd_weight=-1.0, **common)

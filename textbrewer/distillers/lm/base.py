@@ -284,15 +284,15 @@ class LMDistillerBase(BasicDistiller):
         topk = None if prepared.topk is None else TopKTeacher(
             *(runtime.to_device(tensor) for tensor in prepared.topk))
         student_inputs = runtime.to_device(prepared.student)
-        # The loss is kd + ce_weight·ce; the KD weight multiplies the whole, so the CE
-        # weight is divided by it. With a zero KD weight the teacher is the student itself
-        # (detached): the divergence is then exactly 0 with a zero gradient (both sides are
-        # the same computation), and only the cross-entropy trains.
+        # loss = kd_weight·kd + ce_weight·ce, both weights given to the token loss. With a
+        # zero KD weight the teacher is the student itself (detached): the divergence is then
+        # exactly 0 with a zero gradient (both sides are the same computation), so no
+        # teacher runs and 0 · (a non-finite divergence) cannot happen.
         self_teacher = kd_weight == 0
         options = dict(divergence=config.divergence, temperature=float(self.d_config.temperature),
                        beta=config.beta, alpha=config.alpha, tail=config.topk_tail,
                        scale_by_temperature_squared=config.scale_by_temperature_squared,
-                       ce_weight=ce_weight if self_teacher else ce_weight / kd_weight,
+                       kd_weight=kd_weight, ce_weight=ce_weight,
                        ignore_index=config.ignore_index, num_tokens=self.window_tokens,
                        vocab_alignment=config.vocab_alignment, return_dict=True)
         if topk is not None:
@@ -340,7 +340,7 @@ class LMDistillerBase(BasicDistiller):
             parts = token_distillation_loss(
                 logits_S, logits_T, labels, valid,
                 chunk_size=config.chunk_size if self.path == "chunked" else None, **options)
-        loss = parts["loss"] if self_teacher else parts["loss"] * kd_weight
+        loss = parts["loss"]
         named = {"unweighted_kd_loss": parts["kd"]}
         if "ce" in parts:
             named["unweighted_hard_label_loss"] = parts["ce"]

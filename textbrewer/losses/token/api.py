@@ -26,7 +26,8 @@ def token_distillation_loss(logits_S: torch.Tensor,
                             scale_by_temperature_squared: bool = False, ce_weight: float = 0.0,
                             ignore_index: int = -100, num_tokens: Optional[TokenCount] = None,
                             reduction: str = "mean", chunk_size: Optional[int] = None,
-                            vocab_alignment: Optional[str] = None, return_dict: bool = False
+                            vocab_alignment: Optional[str] = None, return_dict: bool = False,
+                            kd_weight: float = 1.0
                             ) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
     """Token-level distillation loss over logits (dense, or chunked with ``chunk_size``).
 
@@ -47,6 +48,8 @@ def token_distillation_loss(logits_S: torch.Tensor,
         tail: ``topk_kl`` only: ``'renormalize'`` or ``'uniform'`` (see :class:`TopKTeacher`).
         scale_by_temperature_squared: multiply the KD term by τ² (default False).
         ce_weight: weight of the hard-label cross-entropy (τ = 1) on the same valid tokens.
+        kd_weight: weight of the divergence term: ``loss = kd_weight · kd + ce_weight · ce``
+            (1: the divergence as it is).
         ignore_index: label value of ignored tokens.
         num_tokens: int or 0-dim tensor: valid tokens in the whole accumulation window (over
             micro-batches and ranks); replaces the local count as the divisor.
@@ -61,7 +64,7 @@ def token_distillation_loss(logits_S: torch.Tensor,
 
     Returns:
         The loss: a scalar (or (N,) / (B, L) with ``reduction='none'``). With ``return_dict``,
-        ``'loss'`` (for backward) = ``'kd'`` + ce_weight · ``'ce'``; ``'kd'`` and ``'ce'`` are
+        ``'loss'`` (for backward) = kd_weight · ``'kd'`` + ce_weight · ``'ce'``; ``'kd'`` and ``'ce'`` are
         detached, for logging; ``'ce'`` only when ``ce_weight > 0``.
 
     Raises:
@@ -74,7 +77,7 @@ def token_distillation_loss(logits_S: torch.Tensor,
         >>> loss = token_distillation_loss(s, t, labels, divergence='jsd', beta=0.5)
     """
     spec = _make_spec(divergence, temperature, beta, alpha, tail, scale_by_temperature_squared,
-                      ce_weight, vocab_alignment)
+                      ce_weight, vocab_alignment, kd_weight)
     chunk_size = _check_chunk_size(chunk_size, None)
     path = "dense" if chunk_size is None else "chunked"
     _check_reduction(reduction, path)
@@ -118,7 +121,7 @@ def fused_token_distillation_loss(hidden_S: torch.Tensor, weight_S: torch.Tensor
                                   reduction: str = "mean",
                                   chunk_size: Optional[int] = DEFAULT_FUSED_CHUNK_SIZE,
                                   vocab_alignment: Optional[str] = None,
-                                  return_dict: bool = False
+                                  return_dict: bool = False, kd_weight: float = 1.0
                                   ) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
     """The same loss as :func:`~textbrewer.losses.token.token_distillation_loss`, fused with both LM heads.
 
@@ -129,8 +132,8 @@ def fused_token_distillation_loss(hidden_S: torch.Tensor, weight_S: torch.Tensor
     Anything a model applies after its head (logit scaling, soft-capping) is NOT applied here.
 
     ``divergence``, ``temperature``, ``beta``, ``alpha``, ``tail``,
-    ``scale_by_temperature_squared``, ``ce_weight``, ``ignore_index``, ``num_tokens``,
-    ``reduction``, ``vocab_alignment`` and ``return_dict`` are as in
+    ``scale_by_temperature_squared``, ``ce_weight``, ``kd_weight``, ``ignore_index``,
+    ``num_tokens``, ``reduction``, ``vocab_alignment`` and ``return_dict`` are as in
     :func:`~textbrewer.losses.token.token_distillation_loss` (``reduction='none'`` is not available).
 
     Args:
@@ -152,7 +155,7 @@ def fused_token_distillation_loss(hidden_S: torch.Tensor, weight_S: torch.Tensor
             ``vocab_alignment``.
     """
     spec = _make_spec(divergence, temperature, beta, alpha, tail, scale_by_temperature_squared,
-                      ce_weight, vocab_alignment)
+                      ce_weight, vocab_alignment, kd_weight)
     chunk_size = _check_chunk_size(chunk_size, DEFAULT_FUSED_CHUNK_SIZE)
     _check_reduction(reduction, "fused")
     _check_ce(spec, labels)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .spec import (TokenCount, _REDUCTIONS, _Spec, _aligned_width, _ce_rows, _chunk,
-                   _divergence_rows, _log_probs, _topk_rows, _up)
+                   _divergence_rows, _log_probs, _topk_rows, _up, _weighted)
 
 # ---------------------------------------------------------------------------------------
 # inputs: flattening, validity, denominators
@@ -137,12 +137,12 @@ def _dense(spec, z_S, teacher, labels, valid, denom, reduction, lead):
         ce, _ = _ce_rows(z_S, labels, want_grad=False)
         ce_rows = torch.where(valid, ce, 0.0)
     if reduction == "none":
-        total = kd_rows if ce_rows is None else kd_rows + spec.ce_weight * ce_rows
+        total = _weighted(spec, kd_rows, ce_rows)
         return total.reshape(lead), kd_rows.detach().reshape(lead), (
             None if ce_rows is None else ce_rows.detach().reshape(lead))
     kd = kd_rows.sum() / denom
     ce = None if ce_rows is None else ce_rows.sum() / denom
-    loss = kd if ce is None else kd + spec.ce_weight * ce
+    loss = _weighted(spec, kd, ce)
     return loss, kd.detach(), None if ce is None else ce.detach()
 
 
@@ -175,7 +175,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 grad[rows] = grad_c  # cast to the logits' dtype on assignment
         kd = kd / denom
         ce = None if ce is None else ce / denom
-        loss = kd if ce is None else kd + spec.ce_weight * ce
+        loss = _weighted(spec, kd, ce)
         ce_out = torch.zeros_like(kd) if ce is None else ce
         ctx.save_for_backward(grad)
         kd_out = kd.clone()
@@ -244,7 +244,7 @@ class _FusedLoss(torch.autograd.Function):
                 grad_b += grad_z.sum(0).to(acc)
         kd = kd / denom
         ce = None if ce is None else ce / denom
-        loss = kd if ce is None else kd + spec.ce_weight * ce
+        loss = _weighted(spec, kd, ce)
         ce_out = torch.zeros_like(kd) if ce is None else ce
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight_S.dtype),
                               None if grad_b is None else grad_b.to(bias_S.dtype))

@@ -56,11 +56,12 @@ class _Spec:
     kd_scale: float
     ce_weight: float
     vocab_alignment: Optional[str]
+    kd_weight: float = 1.0
 
 
 def _make_spec(divergence: str, temperature: float, beta: float, alpha: float, tail: str,
                scale_by_temperature_squared: bool, ce_weight: float,
-               vocab_alignment: Optional[str]) -> _Spec:
+               vocab_alignment: Optional[str], kd_weight: float = 1.0) -> _Spec:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {divergence!r}")
     temperature = float(temperature)
@@ -78,9 +79,18 @@ def _make_spec(divergence: str, temperature: float, beta: float, alpha: float, t
     ce_weight = float(ce_weight)
     if ce_weight < 0 or not math.isfinite(ce_weight):
         raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight}")
+    kd_weight = float(kd_weight)
+    if kd_weight < 0 or not math.isfinite(kd_weight):
+        raise ValueError(f"kd_weight must be a finite number >= 0, got {kd_weight}")
     kd_scale = temperature ** 2 if scale_by_temperature_squared else 1.0
     return _Spec(divergence, temperature, float(beta), float(alpha), tail, kd_scale, ce_weight,
-                 vocab_alignment)
+                 vocab_alignment, kd_weight)
+
+
+def _weighted(spec: _Spec, kd: torch.Tensor, ce: Optional[torch.Tensor]) -> torch.Tensor:
+    """``kd_weight · kd + ce_weight · ce`` (a weight of 1 multiplies nothing: same bits)."""
+    total = kd if spec.kd_weight == 1.0 else kd * spec.kd_weight
+    return total if ce is None else total + spec.ce_weight * ce
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,7 +269,7 @@ def _chunk(spec: _Spec, student: list, teacher: Callable[[], object], v_T: int,
 
     Returns:
         kd_sum (τ² factor included), ce_sum (None when ``ce_weight`` is 0), and the gradient
-        of ``(kd_sum + ce_weight · ce_sum) / denom`` wrt z_S (n, V_S), or None.
+        of ``(kd_weight · kd_sum + ce_weight · ce_sum) / denom`` wrt z_S (n, V_S), or None.
     """
     z_S = student.pop()
     v_S = z_S.shape[-1]
@@ -313,7 +323,7 @@ def _chunk(spec: _Spec, student: list, teacher: Callable[[], object], v_T: int,
     grad = None
     if need_grad:  # invalid rows are zeroed, not multiplied by 0: they may hold inf
         grad = _unalign(grad_s.masked_fill_(invalid, 0.0), v_S)
-        grad.mul_(spec.kd_scale / tau)
+        grad.mul_(spec.kd_scale * spec.kd_weight / tau)
         if ce_grad is not None:
             grad.add_(ce_grad.masked_fill_(invalid, 0.0), alpha=spec.ce_weight)
         grad.div_(denom)
