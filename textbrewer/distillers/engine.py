@@ -157,6 +157,13 @@ class AbstractDistiller(TextBrewerFacade):
         """
         return None
 
+    def prepare_window(self, batches: List[Any]) -> Tuple[List[Any], Optional[int]]:
+        """A window-normalised loss's window: the micro-batches as its loss receives them
+        (default: unchanged) and this process's units in them (default:
+        :meth:`count_window_tokens`). The loop sums the count over processes into
+        ``self.window_tokens`` and hands each item to the phases' losses."""
+        return batches, self.count_window_tokens(batches)
+
     def observed_values(self) -> Dict[str, Any]:
         """Scalars logged to TensorBoard after each optimizer step (``scalar/{name}``), e.g.
         the scheduled weights and the temperature; tensors may stay on the device."""
@@ -233,7 +240,8 @@ class AbstractDistiller(TextBrewerFacade):
         return values
 
     def counts_window_tokens(self) -> bool:
-        return type(self).count_window_tokens is not AbstractDistiller.count_window_tokens
+        return (type(self).count_window_tokens is not AbstractDistiller.count_window_tokens
+                or type(self).prepare_window is not AbstractDistiller.prepare_window)
 
     def begin_training(self, session: Session) -> None:
         self._session = session

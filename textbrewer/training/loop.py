@@ -62,8 +62,9 @@ class Task(Protocol):
     def counts_window_tokens(self) -> bool:
         """Whether the loss is normalised over each window's tokens."""
 
-    def count_window_tokens(self, batches: List[Any]) -> Optional[int]:
-        """This process's units (tokens) in a window's micro-batches."""
+    def prepare_window(self, batches: List[Any]) -> Any:
+        """``(items, count)``: a window's micro-batches as the losses receive them, and this
+        process's units (tokens) in them."""
 
     def begin_training(self, session: "Session") -> None:
         """Training starts: hooks attached, the session's log open."""
@@ -116,8 +117,9 @@ def _groups(task: Task, batches: Iterable, accumulation: int, by_window: bool,
 
     def counted():
         for window in windows(batches, accumulation):
-            task.window_tokens = task.runtime.all_reduce_sum(int(task.count_window_tokens(window)))
-            yield window
+            items, count = task.prepare_window(window)
+            task.window_tokens = task.runtime.all_reduce_sum(int(count))
+            yield items
     return counted()
 
 

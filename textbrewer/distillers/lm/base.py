@@ -80,7 +80,6 @@ class LMDistillerBase(BasicDistiller):
         self.vocab_size_T = None if model_T is None else vocab_size(model_T, self.head_T)
         self._check_vocabularies()
         self.path = self._resolve_path()
-        self._prepared: List[Tuple[Any, PreparedBatch]] = []
         self._fused_checked = False
 
     @property
@@ -153,19 +152,18 @@ class LMDistillerBase(BasicDistiller):
         self.sampler.load_state_dict(state)
 
     # windows ---------------------------------------------------------------------------------
-    def count_window_tokens(self, batches: List[Any]) -> int:
-        """Prepares the window's micro-batches (generating where on-policy) and returns
-        their valid target tokens: the loss of each is its token sum over this count
-        (summed over ranks by the loop)."""
-        self._prepared = [(batch, self.prepare_batch(batch)) for batch in batches]
-        return sum(prepared.count for _, prepared in self._prepared)
+    def prepare_window(self, batches: List[Any]) -> Tuple[List[PreparedBatch], int]:
+        """The window's micro-batches prepared (generated where on-policy, targets aligned)
+        and their valid target tokens: the loop hands the prepared batches to
+        :meth:`train_on_batch` and sums the count over ranks (each batch's loss is its token
+        sum over that count)."""
+        prepared = [self.prepare_batch(batch) for batch in batches]
+        return prepared, sum(item.count for item in prepared)
 
-    def _take_prepared(self, batch: Any) -> PreparedBatch:
-        if self._prepared and self._prepared[0][0] is batch:
-            return self._prepared.pop(0)[1]
-        # called outside the loop's window (a direct call): prepare now
-        self._prepared = []
-        return self.prepare_batch(batch)
+    def count_window_tokens(self, batches: List[Any]) -> int:
+        """The valid target tokens of a window's micro-batches (prepares them: see
+        :meth:`prepare_window`, which the loop calls instead)."""
+        return self.prepare_window(batches)[1]
 
     # batches ---------------------------------------------------------------------------------
     def prepare_batch(self, batch: Any) -> PreparedBatch:
@@ -265,7 +263,9 @@ class LMDistillerBase(BasicDistiller):
 
     # the loss --------------------------------------------------------------------------------
     def train_on_batch(self, batch: Any, args: Dict[str, Any]):
-        prepared = self._take_prepared(batch)
+        # a window's batches come prepared from the loop (prepare_window); a direct call
+        # with a dataloader batch prepares it here
+        prepared = batch if isinstance(batch, PreparedBatch) else self.prepare_batch(batch)
         return self.compute_token_loss(prepared, args)
 
     def compute_token_loss(self, prepared: PreparedBatch, args: Dict[str, Any]):
