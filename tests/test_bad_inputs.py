@@ -642,28 +642,6 @@ def test_a_changed_distillation_config_names_both_values(output_dir, caplog):
     assert "['temperature'] (temperature: 4 in the checkpoint, 2 now)" in changed[0]
 
 
-def test_an_all_zero_logits_mask_warns_once(tmp_path, caplog):
-    torch.manual_seed(0)
-    teacher = TinyTransformer(vocab_size=12, hidden_size=16, token_level=True)
-    student = TinyTransformer(vocab_size=12, hidden_size=8, token_level=True)
-
-    def adaptor(batch, outputs):
-        logits = outputs["logits"]
-        return {"logits": logits, "logits_mask": torch.zeros(logits.shape[:2]),
-                "losses": logits.pow(2).mean()}
-
-    distiller = GeneralDistiller(_config(tmp_path), DistillationConfig(hard_label_weight=1.0),
-                                 teacher, student, adaptor, adaptor)
-    rows = [{"input_ids": torch.randint(0, 12, (6,))} for _ in range(8)]
-    with caplog.at_level(logging.WARNING, logger="textbrewer"), distiller:
-        distiller.train(torch.optim.SGD(student.parameters(), lr=0.1),
-                        torch.utils.data.DataLoader(rows, batch_size=2), num_epochs=1)
-    warned = [m for m in _messages(caplog) if "logits_mask" in m]
-    assert warned == ["logits_mask selects no position of logits head 0 (all zeros) in a "
-                      "batch: its KD term is 0 there. logits_mask is 1 at the positions to "
-                      "distil (warned once)"]
-
-
 # ---------------------------------------------------------------- 4. the teacher cache
 class _CacheLM(_LM):
     pass

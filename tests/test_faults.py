@@ -649,7 +649,8 @@ def test_numpy_logits_are_an_adaptor_error(tmp_path):
     assert not list((tmp_path / "out").glob("*.pkl"))
 
 
-def test_all_zero_logits_mask_gives_a_zero_kd_term_and_training_goes_on(tmp_path):
+def test_all_zero_logits_mask_gives_a_zero_kd_term_warned_once_and_training_goes_on(tmp_path,
+                                                                                  caplog):
     torch.manual_seed(0)
     teacher = TinyTransformer(vocab_size=12, hidden_size=16, token_level=True)
     student = TinyTransformer(vocab_size=12, hidden_size=8, token_level=True)
@@ -665,14 +666,19 @@ def test_all_zero_logits_mask_gives_a_zero_kd_term_and_training_goes_on(tmp_path
     batch = {"input_ids": torch.randint(0, 12, (4, 6))}
     results_S = distiller.adapt(adaptor, batch, student(**batch), "the student's adaptor")
     results_T = distiller.adapt(adaptor, batch, teacher(**batch), "the teacher's adaptor")
-    total, parts = distiller.compute_loss(results_S, results_T)
-    assert parts["unweighted_kd_loss"].item() == 0.0
-    assert torch.equal(total, parts["unweighted_hard_label_loss"])
-    rows = [{"input_ids": batch["input_ids"][i]} for i in range(4)]
-    initial = _weights(student)
-    with distiller:
-        distiller.train(torch.optim.SGD(student.parameters(), lr=0.1),
-                        torch.utils.data.DataLoader(rows, batch_size=2), num_epochs=2)
+    with caplog.at_level(logging.WARNING, logger="textbrewer"):
+        total, parts = distiller.compute_loss(results_S, results_T)
+        assert parts["unweighted_kd_loss"].item() == 0.0
+        assert torch.equal(total, parts["unweighted_hard_label_loss"])
+        rows = [{"input_ids": batch["input_ids"][i]} for i in range(4)]
+        initial = _weights(student)
+        with distiller:
+            distiller.train(torch.optim.SGD(student.parameters(), lr=0.1),
+                            torch.utils.data.DataLoader(rows, batch_size=2), num_epochs=2)
+    warned = [m for m in _messages(caplog) if "logits_mask" in m]
+    assert warned == ["logits_mask selects no position of logits head 0 (all zeros) in a "
+                      "batch: its KD term is 0 there. logits_mask is 1 at the positions to "
+                      "distil (warned once)"]
     assert not _same(_weights(student), initial)
     assert all(torch.isfinite(v).all() for v in student.state_dict().values())
     assert os.path.exists(tmp_path / "gs4.pkl")

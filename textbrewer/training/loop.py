@@ -175,7 +175,7 @@ def _run(task: Task, optimizer, plan: TrainingPlan, source, scheduler, max_grad_
     # phase streams them (a postprocessor's random draws stay where 0.2.1 had them).
     by_window = several or normalised or any(p.repeat > 1 or p.every > 1 for p in phases)
 
-    def recorder(phase: Phase, group_start: int, batch_sizes: List[int]):
+    def recorder(phase: Phase, group_start: int, group: List[Any]):
         def record(offset, total, parts):
             writer_step = group_start + offset
             if several:
@@ -185,7 +185,7 @@ def _run(task: Task, optimizer, plan: TrainingPlan, source, scheduler, max_grad_
             else:
                 task.record_loss(session, writer_step, total, parts)
             if phase is phases[0]:
-                log.count_samples(batch_sizes[offset])
+                log.count_samples(batch_size(group[offset]))
             if config.check_finite_every_step:
                 log.flush(progress.global_step)
         return record
@@ -206,13 +206,12 @@ def _run(task: Task, optimizer, plan: TrainingPlan, source, scheduler, max_grad_
             for group in _groups(task, batches, accumulation, by_window, normalised):
                 starts = progress.micro_in_epoch % accumulation == 0
                 ends = (progress.micro_in_epoch + len(group)) % accumulation == 0
-                sizes = [batch_size(batch) for batch in group]
                 for phase in phases:
                     if phase.runs_at(progress.global_step):
                         run_phase(phase, group, args, runtime=runtime, starts_window=starts,
                                   ends_window=ends, accumulation=accumulation,
                                   window_normalised=normalised,
-                                  record=recorder(phase, progress.writer_step, sizes))
+                                  record=recorder(phase, progress.writer_step, group))
                 progress.writer_step += len(group)
                 progress.micro_in_epoch += len(group)
                 if not ends:
