@@ -43,10 +43,11 @@ def main(mode, output_dir):
         run(mode, output_dir)
     finally:
         dist.destroy_process_group()
-    from ddp_worker import gloo_threads  # this folder is the script's, first on sys.path
-    if gloo_threads():
-        raise RuntimeError(f"gloo threads still running after destroy_process_group(): "
-                           f"{gloo_threads()}")
+    from ddp_worker import gloo_threads_left  # this folder is the script's, first on sys.path
+    left = gloo_threads_left()
+    if left:
+        raise RuntimeError(f"gloo threads still running 5 s after destroy_process_group(): "
+                           f"{left}")
 
 
 def run(mode, output_dir):

@@ -42,3 +42,34 @@ def test_a_nan_on_one_process_stops_every_process_with_a_message(tmp_path):
                             "micro-batch 1")
     assert rank0.startswith("NonFiniteLossError: a loss term became NaN or infinite on another "
                             "process")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not sys.platform.startswith("linux"),
+                    reason="reads thread names from Linux's /proc/self/task")
+def test_the_workers_thread_check_sees_a_running_gloo_thread_and_not_a_joined_one():
+    # the workers' check after train(): a thread that keeps running is reported; one that
+    # was joined is not (its /proc entry may outlive the join by microseconds)
+    import ctypes
+    import threading
+    sys.path.insert(0, HERE)
+    try:
+        from ddp_worker import gloo_threads_left
+    finally:
+        sys.path.remove(HERE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    named, release = threading.Event(), threading.Event()
+
+    def pretend_gloo_thread():
+        libc.prctl(15, b"gloo_test_loop", 0, 0, 0)  # 15 = PR_SET_NAME: this thread's comm
+        named.set()
+        release.wait(30)
+
+    thread = threading.Thread(target=pretend_gloo_thread)
+    thread.start()
+    try:
+        assert named.wait(30)
+        assert gloo_threads_left(grace_s=0.2) == ["gloo_test_loop"]
+    finally:
+        release.set()
+        thread.join()
+    assert gloo_threads_left(grace_s=5.0) == []
