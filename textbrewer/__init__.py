@@ -10,7 +10,8 @@ from .distillers import (AbstractDistiller, BasicDistiller, BasicTrainer, Custom
 from .presets import (ADAPTOR_KEYS, FEATURES, KD_LOSS_MAP, MATCH_LOSS_MAP, MATCHES,
                       MATCHES_TRANSFORMERS, PROJ_MAP, TEMPERATURE_SCHEDULER, WEIGHT_SCHEDULER,
                       register_new)
-from . import capture, checkpoint, data_utils, logs, losses, presets, recipes, registry, utils
+from . import (capture, checkpoint, data_utils, logs, losses, presets, recipes, registry,
+               teaching, utils)
 from .adaptors import AdaptorError
 from .capture import ModuleCapture
 from .checkpoint import CheckpointError
@@ -40,5 +41,5 @@ __all__ = [
     "registry", "AdaptorError", "NonFiniteLossError", "EmptyDataError", "RegistryError",
     "CheckpointError", "Phase", "ModuleCapture", "TokenDistillationLoss", "set_verbosity",
     "capture", "checkpoint", "data_utils", "logs", "CausalLMDistiller", "Seq2SeqLMDistiller",
-    "LMDistillationConfig", "recipes",
+    "LMDistillationConfig", "recipes", "teaching",
 ]

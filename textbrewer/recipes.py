@@ -9,6 +9,8 @@
 - :func:`mlm_adaptor`: the adaptor those two need, for ``transformers`` masked-LM models.
 - :func:`tinybert_layer_mapping`: TinyBERT's uniform layer mapping (Jiao et al., 2020,
   arXiv:1909.10351) as ``intermediate_matches``, for any pair of depths and widths.
+- :class:`PatientTeacher`: Beyer et al.'s patient and consistent teacher (CVPR 2022): KD
+  only, function matching with mixup, warm-up and cosine decay over a long schedule.
 
 ``transformers`` is imported inside the functions that need it, never by
 ``import textbrewer``.
@@ -26,7 +28,7 @@ from .configurations import DistillationConfig
 from .presets import layer_matches
 
 __all__ = ["distilbert_recipe", "init_student_from_teacher", "mlm_adaptor",
-           "tinybert_layer_mapping", "ATTENTION_INDEX_BASES"]
+           "tinybert_layer_mapping", "ATTENTION_INDEX_BASES", "PatientTeacher", "WarmupCosine"]
 
 
 # ------------------------------------------------------------------------------ DistilBERT
@@ -450,3 +452,72 @@ def tinybert_layer_mapping(teacher_layers: int, student_layers: int, teacher_wid
                                      [m - offset for m in layers], "attention",
                                      losses["attention"], weight)
     return matches
+
+
+# ------------------------------------------------------------------------- patient teacher
+class WarmupCosine:
+    """``lr_lambda`` for ``torch.optim.lr_scheduler.LambdaLR``: a linear warm-up over
+    ``warmup_steps``, then a cosine decay to ``final_fraction`` of the rate at
+    ``total_steps`` (and that fraction after it). An object, not a lambda, so the
+    scheduler's ``state_dict`` holds its settings."""
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0):
+        _check_positive_int("total_steps", total_steps)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) \
+                or not 0 <= warmup_steps < total_steps:
+            raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}), "
+                             f"got {warmup_steps!r}")
+        _check_weight("final_fraction", final_fraction)
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.final_fraction = float(final_fraction)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        done = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+class PatientTeacher:
+    """Beyer et al.'s recipe (CVPR 2022, "a good teacher is patient and consistent"):
+    KD only (τ²-scaled KL at ``temperature``, no hard labels), the teacher and the student
+    on the same mixed view of each batch (:class:`~textbrewer.teaching.FunctionMatching`),
+    a long schedule with warm-up and cosine decay.
+
+    Attributes:
+        distill_config: the ``DistillationConfig`` (``kd_loss_type='kl'``,
+            ``hard_label_weight=0``, ``kd_loss_weight=1``).
+        batch_postprocessor: the ``FunctionMatching`` (None with ``mix=None``).
+        scheduler_class: ``torch.optim.lr_scheduler.LambdaLR``.
+        scheduler_args: ``{'lr_lambda': WarmupCosine(total_steps, warm-up steps)}``.
+
+    ``distiller.train(optimizer, data, num_steps=total_steps, **recipe.train_options())``.
+    """
+
+    def __init__(self, total_steps: int, input_key: Any = "features",
+                 mix: Optional[str] = "mixup", alpha: float = 1.0, temperature: float = 1.0,
+                 warmup_fraction: float = 0.05, seed: int = 0, **distill_options: Any):
+        from .teaching import FunctionMatching
+        _check_positive_int("total_steps", total_steps)
+        _check_weight("temperature", temperature, positive=True)
+        if not 0 <= warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
+        options = dict(temperature=temperature, kd_loss_type="kl", kd_loss_weight=1,
+                       hard_label_weight=0)
+        options.update(distill_options)
+        self.distill_config = DistillationConfig(**options)
+        self.total_steps = total_steps
+        self.batch_postprocessor = None if mix is None else FunctionMatching(
+            input_key, mode=mix, alpha=alpha, seed=seed)
+        self.scheduler_class = torch.optim.lr_scheduler.LambdaLR
+        self.scheduler_args = {"lr_lambda": WarmupCosine(
+            total_steps, int(warmup_fraction * total_steps))}
+
+    def train_options(self) -> Dict[str, Any]:
+        """``scheduler_class``, ``scheduler_args`` and ``batch_postprocessor`` for
+        ``train()``."""
+        options: Dict[str, Any] = dict(scheduler_class=self.scheduler_class,
+                                       scheduler_args=dict(self.scheduler_args))
+        if self.batch_postprocessor is not None:
+            options["batch_postprocessor"] = self.batch_postprocessor
+        return options

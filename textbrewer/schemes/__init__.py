@@ -9,7 +9,8 @@ phases (optimizer, loss, modules) and runs in the one training loop.
 - quantization-aware: :class:`QATDistiller`, :func:`prepare_qat_student`,
   :func:`convert_to_int8`;
 - cross-modal: :class:`TwoViewCollate` (teacher and student fed different views);
-- multi-teacher weighting: :class:`WeightedMultiTeacherDistiller`.
+- multi-teacher weighting: :class:`WeightedMultiTeacherDistiller`;
+- teacher assistants: :func:`distil_through_assistants` (teacher → assistant → student).
 """
 from .adversarial import AdversarialDistiller, MLPDiscriminator, frozen_call
 from .cross_modal import TwoViewCollate, downsample, row_column_profiles
@@ -18,6 +19,7 @@ from .data_free import (DeepInversionSynthesizer, DFADDistiller, MLPGenerator, N
 from .mutual import MutualLearningDistiller, peer_checkpoint_path
 from .qat import QATDistiller, convert_to_int8, prepare_qat_student, state_dict_bytes
 from .self_distillation import Generation, SelfDistiller, born_again
+from .teacher_assistant import AssistantStage, distil_through_assistants
 from .weighted_teachers import WeightedMultiTeacherDistiller, teacher_weights
 
 __all__ = ["MutualLearningDistiller", "peer_checkpoint_path", "SelfDistiller", "Generation",
@@ -26,4 +28,4 @@ __all__ = ["MutualLearningDistiller", "peer_checkpoint_path", "SelfDistiller", "
            "SyntheticBatch", "synthesize_deep_inversion", "total_variation", "QATDistiller",
            "prepare_qat_student", "convert_to_int8", "state_dict_bytes", "TwoViewCollate",
            "downsample", "row_column_profiles", "WeightedMultiTeacherDistiller",
-           "teacher_weights"]
+           "teacher_weights", "AssistantStage", "distil_through_assistants"]
