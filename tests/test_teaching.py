@@ -119,12 +119,32 @@ def test_augmented_views_are_fixed_by_their_index():
     views = AugmentedViews(data, _shift, views_per_example=3, seed=2)
     assert len(views) == 12
     item = views[7]  # example 2, view 1
-    expected = _shift(data[2], torch.Generator().manual_seed(2 * 1_000_003 + 7))
+    seed = int(numpy.random.SeedSequence([2, 7]).generate_state(1, numpy.uint64)[0])
+    expected = _shift(data[2], torch.Generator().manual_seed(seed))
     assert torch.equal(item["features"], expected["features"]) and int(item["view_id"]) == 7
     assert torch.equal(views[7]["features"], item["features"])
     assert not torch.equal(views[6]["features"], item["features"])
     with pytest.raises(IndexError):
         views[12]
+
+
+def test_augmented_views_fix_a_global_rng_augment_and_leave_the_dataset_alone():
+    data = _feature_data(3)
+    original = data[1]["features"].clone()
+
+    def global_noise(example, generator):  # draws from torch's global generator, in place
+        example["features"].add_(torch.rand(example["features"].shape))
+        return example
+
+    views = AugmentedViews(data, global_noise, views_per_example=2)
+    torch.manual_seed(123)
+    first = views[3]["features"]
+    torch.manual_seed(456)
+    state = torch.random.get_rng_state()
+    again = views[3]["features"]
+    assert torch.equal(first, again)  # the same view whatever the global state
+    assert torch.equal(torch.random.get_rng_state(), state)  # and that state restored
+    assert torch.equal(data[1]["features"], original)  # the dataset not modified
 
 
 def test_cached_teacher_serves_what_a_fresh_forward_computes():
@@ -158,22 +178,28 @@ def test_cached_teacher_serves_what_a_fresh_forward_computes():
 
 def test_distilling_from_a_cached_teacher_equals_distilling_from_the_teacher(tmp_path):
     views = AugmentedViews(_feature_data(16), _shift, views_per_example=1)
-    loader = torch.utils.data.DataLoader(views, batch_size=8)  # each row computed where served
+    # shuffled: the second epoch's batches mix rows cached in different first-epoch batches
+    loader = torch.utils.data.DataLoader(views, batch_size=8, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
     drop_ids = lambda batch: {k: v for k, v in batch.items() if k != "view_id"}  # noqa: E731
     students = []
+    wrapped = []
     for name, wrap, postprocess in (("fresh", lambda t: t, drop_ids),
                                     ("cached", CachedTeacher, views_for_both())):
         teacher, student = _models()
+        wrapped.append(wrap(teacher))
+        loader.generator.manual_seed(0)
         distiller = GeneralDistiller(
             TrainingConfig(device="cpu", output_dir=str(tmp_path / name)),
-            DistillationConfig(kd_loss_type="kl", temperature=2), wrap(teacher), student,
+            DistillationConfig(kd_loss_type="kl", temperature=2), wrapped[-1], student,
             tiny_adaptor, tiny_adaptor)
         with distiller:
             distiller.train(torch.optim.SGD(student.parameters(), lr=0.1), loader,
-                            num_epochs=1, batch_postprocessor=postprocess)
+                            num_epochs=3, batch_postprocessor=postprocess)
         students.append(student.state_dict())
+    assert wrapped[1].forwards == 2 and wrapped[1].rows_computed == 16  # epoch 1 only
     for key in students[0]:
-        assert torch.equal(students[0][key], students[1][key]), key
+        assert torch.allclose(students[0][key], students[1][key], atol=1e-6, rtol=0), key
 
 
 def test_warmup_cosine_is_linear_then_half_a_cosine():
@@ -184,6 +210,9 @@ def test_warmup_cosine_is_linear_then_half_a_cosine():
     assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupCosine(10, 10)
+    with pytest.raises(ValueError, match="final_fraction"):
+        WarmupCosine(10, 0, final_fraction=2.0)
+    assert WarmupCosine(4)(0) == pytest.approx(1.0)  # no warm-up: the peak at once
 
 
 def test_patient_teacher_is_kd_only_with_mixup_and_its_schedule(tmp_path):
@@ -194,16 +223,22 @@ def test_patient_teacher_is_kd_only_with_mixup_and_its_schedule(tmp_path):
             config.kd_loss_weight) == ("kl", 2.0, 0, 1)
     teacher, student = _models()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
-    rates = []
+    rates, seen = [], []
+
+    def probe(module, args, kwargs):  # the rate each step's forward pass trains with
+        rates.append(optimizer.param_groups[0]["lr"])
+        seen.append(kwargs["features"].clone())
+
+    student.register_forward_pre_hook(probe, with_kwargs=True)
     distiller = GeneralDistiller(TrainingConfig(device="cpu", output_dir=str(tmp_path)), config,
                                  teacher, student, tiny_adaptor, tiny_adaptor)
-    loader = torch.utils.data.DataLoader(_feature_data(8), batch_size=4)
+    data = _feature_data(8)
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
     with distiller:
-        distiller.train(optimizer, loader, num_steps=4,
-                        callback=lambda model, step: rates.append(optimizer.param_groups[0]["lr"]),
-                        **recipe.train_options())
-    schedule = WarmupCosine(4, 1)
-    assert rates[-1] == pytest.approx(0.5 * schedule(4))
+        distiller.train(optimizer, loader, num_steps=4, **recipe.train_options())
+    # warm-up of one step (0.5 * 1/1), then 0.5 * (1 + cos(pi * k / 3)) / 2, k = 0, 1, 2
+    assert rates == pytest.approx([0.5, 0.5, 0.375, 0.125])
+    assert not torch.equal(seen[0], torch.stack([d["features"] for d in data[:4]]))
     assert isinstance(recipe.train_options()["batch_postprocessor"], FunctionMatching)
     assert "batch_postprocessor" not in PatientTeacher(4, mix=None).train_options()
 
@@ -256,6 +291,71 @@ def test_the_assistant_chain_rejects_a_bad_chain(tmp_path):
     with pytest.raises(ValueError, match="one per link"):
         distil_through_assistants(config, [DistillationConfig()] * 2,
                                   [(teacher, tiny_adaptor), (student, tiny_adaptor)], optimizer, [])
+    with pytest.raises(ValueError, match="resume_from='latest'"):
+        distil_through_assistants(
+            TrainingConfig(device="cpu", output_dir=str(tmp_path), resume_from="gs2.pkl"),
+            DistillationConfig(), [(teacher, tiny_adaptor), (student, tiny_adaptor)],
+            optimizer, [])
+    with pytest.raises(TypeError, match=r"chain\[1\]\[1\] must be the adaptor"):
+        distil_through_assistants(config, DistillationConfig(),
+                                  [(teacher, tiny_adaptor), (student, "adaptor")], optimizer, [])
     with pytest.raises(TypeError, match=r"chain\[1\]"):
         distil_through_assistants(config, DistillationConfig(), [(teacher, tiny_adaptor), student],
                                   optimizer, [])
+
+
+def test_mixing_weights_follow_beta_alpha_alpha():
+    # Beta(1, 1) is uniform: mean 1/2, variance 1/12; Beta(0.2, 0.2) piles up near 0 and 1
+    batch = {"features": torch.randn(4, 3)}
+    uniform, peaked = FunctionMatching(seed=0), FunctionMatching(alpha=0.2, seed=0)
+    draws = []
+    for matching in (uniform, peaked):
+        weights = []
+        for _ in range(4000):
+            matching(batch)
+            weights.append(matching.last_weight)
+        draws.append(torch.tensor(weights))
+    assert abs(draws[0].mean().item() - 0.5) < 0.02 and abs(draws[0].var().item() - 1 / 12) < 0.005
+    # Beta(a, a) has variance 1 / (4 (2a + 1)): 0.1786 at a = 0.2
+    assert abs(draws[1].var().item() - 1 / (4 * 1.4)) < 0.01
+
+
+def test_function_matching_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="labels='keep'"):
+        FunctionMatching(0)((torch.randn(4, 3), torch.arange(4)))
+    mixed = FunctionMatching(0, labels="keep", seed=0)((torch.randn(4, 3), torch.arange(4)))
+    assert torch.equal(mixed[1], torch.arange(4)) and isinstance(mixed, tuple)
+    with pytest.raises(ValueError, match="CachedTeacher"):
+        FunctionMatching()({"features": torch.randn(4, 3), "view_id": torch.arange(4)})
+    single = FunctionMatching()({"features": torch.randn(1, 3), "labels": torch.tensor([1])})
+    assert "labels" not in single  # every batch loses its labels, mixed or not
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mixup(torch.randn(2, 3), torch.tensor([1, 0]), 1.5)
+
+
+def test_cached_teacher_keeps_the_output_type_and_computes_a_repeated_view_once():
+    outputs_module = pytest.importorskip("transformers.modeling_outputs")
+
+    class HFStyle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x):
+            logits = self.linear(x)
+            return outputs_module.SequenceClassifierOutput(logits=logits,
+                                                           hidden_states=(x, logits))
+
+    teacher = HFStyle().eval()
+    cached = CachedTeacher(teacher, keys=["logits"])
+    x = torch.randn(3, 3)
+    served = cached(x=x[[0, 1, 0]], view_id=torch.tensor([5, 6, 5]))
+    assert isinstance(served, outputs_module.SequenceClassifierOutput)
+    assert served.hidden_states is None  # not in keys: not cached
+    assert torch.allclose(served.logits, teacher(x[[0, 1, 0]]).logits, atol=1e-6, rtol=0)
+    assert cached.rows_computed == 2 and len(cached) == 2
+    teacher.train()
+    with pytest.raises(RuntimeError, match="train mode"):
+        cached(x=x, view_id=torch.tensor([7, 8, 9]))
+    with pytest.raises(KeyError, match="'scores'"):
+        CachedTeacher(teacher.eval(), keys=["scores"])(x=x, view_id=torch.tensor([1, 2, 3]))

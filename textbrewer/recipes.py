@@ -458,8 +458,9 @@ def tinybert_layer_mapping(teacher_layers: int, student_layers: int, teacher_wid
 class WarmupCosine:
     """``lr_lambda`` for ``torch.optim.lr_scheduler.LambdaLR``: a linear warm-up over
     ``warmup_steps``, then a cosine decay to ``final_fraction`` of the rate at
-    ``total_steps`` (and that fraction after it). An object, not a lambda, so the
-    scheduler's ``state_dict`` holds its settings."""
+    ``total_steps`` (and that fraction after it). A step is one optimizer step (one
+    ``LambdaLR.step()``). An object, not a lambda, so the scheduler's ``state_dict`` holds
+    its settings."""
 
     def __init__(self, total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0):
         _check_positive_int("total_steps", total_steps)
@@ -468,6 +469,9 @@ class WarmupCosine:
             raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}), "
                              f"got {warmup_steps!r}")
         _check_weight("final_fraction", final_fraction)
+        if final_fraction > 1:
+            raise ValueError(f"final_fraction must be in [0, 1] (a fraction of the peak rate), "
+                             f"got {final_fraction!r}")
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.final_fraction = float(final_fraction)
 
@@ -500,7 +504,8 @@ class PatientTeacher:
         from .teaching import FunctionMatching
         _check_positive_int("total_steps", total_steps)
         _check_weight("temperature", temperature, positive=True)
-        if not 0 <= warmup_fraction < 1:
+        if isinstance(warmup_fraction, bool) or not isinstance(warmup_fraction, (int, float)) \
+                or not 0 <= warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
         options = dict(temperature=temperature, kd_loss_type="kl", kd_loss_weight=1,
                        hard_label_weight=0)

@@ -21,6 +21,7 @@ Nothing here depends on the rest of the package: these are plain callables and m
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -49,6 +50,11 @@ def _mixing_weight(alpha: float, generator: torch.Generator) -> float:
     return float(numpy.random.default_rng(seed).beta(alpha, alpha))
 
 
+def _check_weight(weight: Any) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise ValueError(f"the mixing weight must be a number in [0, 1], got {weight!r}")
+
+
 def mixup(inputs: torch.Tensor, partner: torch.Tensor, weight: float) -> torch.Tensor:
     """``weight * inputs + (1 - weight) * inputs[partner]`` (Zhang et al., 2018).
 
@@ -58,8 +64,9 @@ def mixup(inputs: torch.Tensor, partner: torch.Tensor, weight: float) -> torch.T
         weight: the mixing weight λ in [0, 1].
 
     Returns:
-        (B, ...) mixed inputs, the dtype and device of ``inputs``.
+        (B, ...) mixed inputs (the labels' counterpart is λ·CE(y) + (1 − λ)·CE(y[partner])), the dtype and device of ``inputs``.
     """
+    _check_weight(weight)
     if not inputs.is_floating_point():
         raise TypeError(f"mixup needs floating-point inputs, got dtype {inputs.dtype}: mix "
                         f"embeddings or pixel values, not token ids")
@@ -71,7 +78,8 @@ def cutmix(images: torch.Tensor, partner: torch.Tensor, weight: float,
     """Pastes a box of each partner image into each image (Yun et al., 2019).
 
     The box covers a fraction ``1 - weight`` of the area (clipped at the borders) at a
-    position drawn from ``generator``; the same box for the whole batch.
+    position drawn from ``generator``; the same box for the whole batch. Channels first:
+    the last two dimensions are height and width.
 
     Args:
         images: (B, H, W) or (B, C, H, W).
@@ -82,9 +90,10 @@ def cutmix(images: torch.Tensor, partner: torch.Tensor, weight: float,
     Returns:
         ((B, ...) mixed images, the fraction of the area actually kept).
     """
+    _check_weight(weight)
     if images.dim() not in (3, 4):
-        raise ValueError(f"cutmix needs (B, H, W) or (B, C, H, W) images, got shape "
-                         f"{tuple(images.shape)}")
+        raise ValueError(f"cutmix needs channels-first (B, H, W) or (B, C, H, W) images, got "
+                         f"shape {tuple(images.shape)}")
     height, width = images.shape[-2:]
     cut = math.sqrt(1.0 - weight)
     box_h, box_w = int(round(height * cut)), int(round(width * cut))
@@ -116,6 +125,8 @@ def _put(batch: Any, key: BatchKey, value: torch.Tensor) -> Any:
         return {**batch, key: value}
     items = list(batch)
     items[key] = value
+    if hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*items)
     return type(batch)(items) if isinstance(batch, tuple) else items
 
 
@@ -142,10 +153,23 @@ class FunctionMatching:
         alpha: λ ~ Beta(alpha, alpha) (Beyer et al. use 1 for mixup).
         probability: the fraction of batches that are mixed; the others pass unchanged,
             labels included.
-        labels: ``'drop'`` removes ``label_key`` from mixed dict batches; ``'keep'`` leaves
-            it (the hard-label loss then reads the first example's label).
+        labels: ``'drop'`` removes ``label_key`` from dict batches (also from the batches
+            left unmixed, so that every batch has the same loss terms); ``'keep'`` leaves
+            the batch's labels as they are: mixup's own label loss is
+            ``λ·CE(y) + (1 − λ)·CE(y[partner])``, which an adaptor can build from
+            :attr:`last_weight` and :attr:`last_partner`. Tuple and list batches need
+            ``'keep'`` (their labels have no name to remove).
         label_key: the key ``labels='drop'`` removes.
         seed: seeds the generator of partners, weights and boxes.
+
+    Function matching draws a new mix at every call: it does not combine with
+    :class:`CachedTeacher`, which serves one output per view id (a batch that carries a
+    ``view_id`` is refused).
+
+    Attributes:
+        last_weight: the λ of the last mixed batch (the kept fraction for cutmix), None
+            when the last batch was left unmixed.
+        last_partner: (B,) int64, the example mixed into each one, or None.
 
     State: :meth:`state_dict` / :meth:`load_state_dict` carry the generator, so a run that
     restores it draws the same mixes. The distillers do not save it in their checkpoints:
@@ -169,21 +193,32 @@ class FunctionMatching:
         self.probability, self.labels, self.label_key = float(probability), labels, label_key
         self.generator = torch.Generator().manual_seed(int(seed))
         self.last_weight: Optional[float] = None
+        self.last_partner: Optional[torch.Tensor] = None
 
     def __call__(self, batch: Any) -> Any:
+        """The batch with ``input_key`` mixed (B ≥ 2; a batch of one passes unmixed), the
+        labels dropped as ``labels`` says; the input batch is not modified."""
+        if isinstance(batch, Mapping) and "view_id" in batch:
+            raise ValueError("FunctionMatching draws a new mix at each call, but this batch "
+                             "carries 'view_id' for a CachedTeacher, which would serve the "
+                             "teacher's output on another mix: use one or the other")
+        if self.labels == "drop" and not isinstance(batch, Mapping):
+            raise ValueError(f"FunctionMatching(labels='drop') removes a key from dict "
+                             f"batches; this batch is a {type(batch).__name__}: pass "
+                             f"labels='keep' and leave the hard-label weight at 0")
         inputs = _get(batch, self.input_key)
         mix = self.probability >= 1 or \
             float(torch.rand((), generator=self.generator)) < self.probability
         if not mix or inputs.size(0) < 2:
-            self.last_weight = None
-            return batch
+            self.last_weight, self.last_partner = None, None
+            return _drop(batch, self.label_key) if self.labels == "drop" else batch
         partner = torch.randperm(inputs.size(0), generator=self.generator).to(inputs.device)
         weight = _mixing_weight(self.alpha, self.generator)
         if self.mode == "mixup":
             mixed = mixup(inputs, partner, weight)
         else:
             mixed, weight = cutmix(inputs, partner, weight, self.generator)
-        self.last_weight = weight
+        self.last_weight, self.last_partner = weight, partner
         batch = _put(batch, self.input_key, mixed)
         return _drop(batch, self.label_key) if self.labels == "drop" else batch
 
@@ -200,10 +235,18 @@ class AugmentedViews(torch.utils.data.Dataset):
     """``views_per_example`` fixed augmented views of each example of ``dataset``.
 
     Item ``j`` is view ``j % views_per_example`` of example ``j // views_per_example``:
-    ``augment(example, generator)`` with a generator seeded by ``(seed, j)``, so item ``j``
-    is the same tensor in every epoch, after a resume and in any dataloader worker. The
-    item gets ``view_key: j``, which :class:`CachedTeacher` uses to serve the teacher's
-    outputs on that view from memory. A shuffled loader with ``num_samples=len(dataset)``
+    ``augment(example, generator)`` with a generator seeded from ``(seed, j)``, so item ``j``
+    is the same tensor in every epoch, after a resume and in any dataloader worker. An
+    augment that draws from torch's, numpy's or Python's global generators instead (most
+    transform libraries do) is fixed too: it runs with those seeded from ``(seed, j)`` and
+    restored after. The example's tensors are cloned first, so an in-place augment leaves
+    the dataset alone. The item gets ``view_key``: a 0-dim int64 ``j`` (collated to (B,)),
+    which :class:`CachedTeacher` uses to serve the teacher's outputs on that view.
+
+    Fixed views trade variety for compute: Beyer et al. (2022) found that targets
+    precomputed on a fixed set of views let the student overfit them, and that KD keeps
+    improving with a fresh view at every step (:class:`FunctionMatching`). Use many views
+    per example (tens), or fresh views where the teacher's forward is affordable. A shuffled loader with ``num_samples=len(dataset)``
     (``RandomSampler``) visits one view per example per epoch on average.
 
     Args:
@@ -239,8 +282,21 @@ class AugmentedViews(torch.utils.data.Dataset):
         if self.view_key in example:
             raise KeyError(f"the examples already have a {self.view_key!r} key: choose another "
                            f"view_key")
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        view = dict(self.augment(dict(example), generator))
+        view_seed = int(numpy.random.SeedSequence([self.seed, index]).generate_state(1,
+                                                                                   numpy.uint64)[0])
+        generator = torch.Generator().manual_seed(view_seed)
+        copied = {key: value.clone() if isinstance(value, torch.Tensor) else value
+                  for key, value in example.items()}
+        python_state, numpy_state = random.getstate(), numpy.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed)
+                random.seed(view_seed)
+                numpy.random.seed(view_seed % 2 ** 32)
+                view = dict(self.augment(copied, generator))
+        finally:
+            random.setstate(python_state)
+            numpy.random.set_state(numpy_state)
         view[self.view_key] = torch.tensor(index, dtype=torch.long)
         return view
 
@@ -260,41 +316,48 @@ def views_for_both(view_key: str = "view_id") -> Callable[[Dict[str, Any]], Dict
     return split
 
 
-_UNBATCHED = object()  # an output with no batch dimension (a batch-mean loss): not cached
-
-
-def _rows(outputs: Any, batch: int) -> Any:
-    """Per-example slices of a nested output (tensors whose first dimension is ``batch``), or
-    ``_UNBATCHED`` for a tensor without that dimension."""
+def _rows(outputs: Any, batch: int, where: str = "output") -> Any:
+    """Per-example slices of a nested output: tensors whose first dimension is ``batch``;
+    0-dim tensors (a batch-mean loss) become None. Any other shape is an error."""
     if isinstance(outputs, torch.Tensor):
-        if outputs.dim() == 0 or outputs.size(0) != batch:
-            return _UNBATCHED
+        if outputs.dim() == 0:
+            return [None] * batch
+        if outputs.size(0) != batch:
+            raise ValueError(f"CachedTeacher caches per example: the teacher's {where} has "
+                             f"shape {tuple(outputs.shape)}, whose first dimension is not the "
+                             f"{batch} rows it was run on (pass keys= to cache only the "
+                             f"outputs that have one)")
         return [row.detach().clone() for row in outputs.unbind(0)]
     if isinstance(outputs, Mapping):
-        columns = {k: _rows(v, batch) for k, v in outputs.items()}
-        columns = {k: v for k, v in columns.items() if v is not _UNBATCHED}
-        keys = list(columns)
-        return [dict(zip(keys, row)) for row in zip(*columns.values())] if keys \
+        keys = list(outputs)
+        columns = [_rows(outputs[k], batch, f"{where}[{k!r}]") for k in keys]
+        return [dict(zip(keys, row)) for row in zip(*columns)] if keys \
             else [{} for _ in range(batch)]
     if isinstance(outputs, (list, tuple)):
-        columns = [_rows(item, batch) for item in outputs]
-        columns = [[None] * batch if c is _UNBATCHED else c for c in columns]
+        columns = [_rows(item, batch, f"{where}[{i}]") for i, item in enumerate(outputs)]
         return [tuple(row) for row in zip(*columns)] if columns else [() for _ in range(batch)]
     if outputs is None:
         return [None] * batch
-    raise TypeError(f"CachedTeacher: cannot cache an output of type {type(outputs).__name__} "
-                    f"(tensors, dicts, lists and tuples of them)")
+    raise TypeError(f"CachedTeacher: cannot cache the teacher's {where} of type "
+                    f"{type(outputs).__name__} (tensors, dicts, lists and tuples of them)")
 
 
-def _stack(rows: List[Any]) -> Any:
+def _stack(rows: List[Any], like: Any) -> Any:
+    """The rows stacked back into the structure (and container types) of ``like``."""
     first = rows[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(rows)
-    if isinstance(first, Mapping):
-        return {key: _stack([row[key] for row in rows]) for key in first}
-    if isinstance(first, tuple):
-        return tuple(_stack([row[i] for row in rows]) for i in range(len(first)))
-    return None  # None rows, or a tuple's output that had no batch dimension
+    if isinstance(like, torch.Tensor):
+        return None if first is None else torch.stack(rows)
+    if isinstance(like, Mapping):
+        stacked = {key: _stack([row[key] for row in rows], like[key]) for key in first}
+        stacked = {key: value for key, value in stacked.items() if value is not None}
+        try:
+            return type(like)(**stacked)  # a ModelOutput or another dict type
+        except Exception:
+            return stacked
+    if isinstance(like, (list, tuple)):
+        items = [_stack([row[i] for row in rows], like[i]) for i in range(len(first))]
+        return list(items) if isinstance(like, list) else tuple(items)
+    return None
 
 
 def _select(value: Any, rows: torch.Tensor, batch: int) -> Any:
@@ -311,37 +374,66 @@ class CachedTeacher(nn.Module):
     """A frozen teacher whose outputs on each view are computed once, then served from memory.
 
     ``forward(**batch)`` takes the view ids from ``batch[view_key]`` ((B,) int64), runs the
-    teacher on the rows it has not seen (the batch's tensors of first dimension B, indexed
-    to those rows) and returns the outputs of all B rows, with the structure the teacher
-    returns (a tensor, or dicts / lists / tuples of (B, ...) tensors; a ``ModelOutput``
-    comes back as a dict). The teacher must be deterministic in eval mode: a cached row
-    equals a fresh forward of that view. Outputs without a batch dimension (the mean loss a
-    model returns when it gets labels) are not cached: a dict comes back without them, a
-    tuple with None in their place. Reading the ids costs one device-to-host copy per batch.
+    teacher on the rows it has not seen (every input tensor whose first dimension is B,
+    indexed to those rows) and returns the outputs of all B rows in the structure and
+    container types the teacher returned them (a ``ModelOutput`` stays one), on the device
+    the teacher returned them. The teacher must be deterministic in eval mode (a cached row
+    equals a fresh forward of that view); filling the cache in train mode is refused.
+    Outputs without a batch dimension (the mean loss a model returns when it gets labels)
+    are not cached: they come back as None, and dict outputs without them.
+
+    Memory: every cached view keeps each cached output's row, e.g. (L, H) hidden states
+    per layer: pass ``keys`` to keep only what the adaptor reads (for a dict output), and
+    ``device='cpu'`` to keep them off the accelerator. Reading the ids costs one
+    device-to-host copy per batch.
 
     Args:
-        teacher: the teacher module (kept in eval mode by the distillers).
+        teacher: the teacher module, in eval mode.
         view_key: the batch key of the view ids.
+        keys: the keys of a dict output to cache (default: all).
         device: where cached rows are kept (default: where the teacher returned them).
+
+    Attributes:
+        forwards: teacher forward passes run (batches with rows not yet cached).
+        rows_computed: views computed.
     """
 
     def __init__(self, teacher: nn.Module, view_key: str = "view_id",
+                 keys: Optional[Sequence[str]] = None,
                  device: Optional[Union[str, torch.device]] = None):
         super().__init__()
         self.teacher, self.view_key = teacher, view_key
+        self.keys = None if keys is None else list(keys)
         self.cache_device = torch.device(device) if device is not None else None
         self._rows: Dict[int, Any] = {}
-        self.forwards = 0  # teacher forward passes run (a batch with rows not yet cached)
+        self._like: Any = None  # the first output (structure and container types)
+        self._output_device: Optional[torch.device] = None
+        self.forwards = 0
         self.rows_computed = 0
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def clear(self) -> None:
-        """Forgets every cached view (after the teacher changed)."""
+        """Forgets every cached view and the counts (after the teacher changed)."""
         self._rows.clear()
+        self._like, self.forwards, self.rows_computed = None, 0, 0
+
+    def _keep(self, outputs: Any) -> Any:
+        if isinstance(outputs, Mapping) and self.keys is not None:
+            missing = [key for key in self.keys if key not in outputs]
+            if missing:
+                raise KeyError(f"CachedTeacher(keys=...): the teacher's output has no "
+                               f"{missing} (it has {list(outputs)})")
+            kept = {key: outputs[key] for key in self.keys}
+            try:
+                return type(outputs)(**kept)
+            except Exception:
+                return kept
+        return outputs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The teacher's outputs on the batch's B views (cached rows, computed rows)."""
         if self.view_key not in kwargs:
             raise KeyError(f"CachedTeacher needs the view ids as keyword {self.view_key!r} "
                            f"(got {sorted(kwargs)}); feed it with views_for_both() batches")
@@ -351,33 +443,56 @@ class CachedTeacher(nn.Module):
                              f"ids, got {ids!r:.80}")
         keys = [int(k) for k in ids.tolist()]
         batch = len(keys)
-        missing = [i for i, key in enumerate(keys) if key not in self._rows]
-        if missing:
-            rows = torch.tensor(missing, dtype=torch.long)
+        first_row: Dict[int, int] = {}
+        for position, key in enumerate(keys):
+            if key not in self._rows:
+                first_row.setdefault(key, position)  # a view twice in a batch: computed once
+        if first_row:
+            if self.teacher.training:
+                raise RuntimeError("CachedTeacher: the teacher is in train mode (dropout would "
+                                   "be frozen into the cache): call teacher.eval()")
+            rows = torch.tensor(list(first_row.values()), dtype=torch.long)
             with torch.no_grad():
                 outputs = self.teacher(*_select(list(args), rows, batch),
                                        **_select(kwargs, rows, batch))
-            if hasattr(outputs, "to_tuple") and isinstance(outputs, Mapping):
-                outputs = dict(outputs)
-            rows_out = _rows(outputs, len(missing))
-            if rows_out is _UNBATCHED:
-                raise ValueError(f"CachedTeacher caches per example: the teacher returned a "
-                                 f"tensor of shape {tuple(outputs.shape)}, with no batch "
-                                 f"dimension of size {len(missing)}")
-            for i, row in zip(missing, rows_out):
-                self._rows[keys[i]] = row if self.cache_device is None else _to(row, self.cache_device)
+            outputs = self._keep(outputs)
+            if self._like is None:
+                self._like = outputs
+                self._output_device = _first_device(outputs)
+            if self.cache_device is not None:
+                outputs = _to(outputs, self.cache_device)
+            for key, row in zip(first_row, _rows(outputs, len(first_row))):
+                self._rows[key] = row
             self.forwards += 1
-            self.rows_computed += len(missing)
-        result = _stack([self._rows[key] for key in keys])
-        device = ids.device
-        return result if self.cache_device is None else _to(result, device)
+            self.rows_computed += len(first_row)
+        result = _stack([self._rows[key] for key in keys], self._like)
+        if self.cache_device is not None and self._output_device is not None:
+            result = _to(result, self._output_device)
+        return result
+
+
+def _first_device(value: Any) -> Optional[torch.device]:
+    if isinstance(value, torch.Tensor):
+        return value.device
+    items = value.values() if isinstance(value, Mapping) else \
+        value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        device = _first_device(item)
+        if device is not None:
+            return device
+    return None
 
 
 def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, Mapping):
-        return {key: _to(item, device) for key, item in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_to(item, device) for item in value)
+        moved = {key: _to(item, device) for key, item in value.items()}
+        try:
+            return type(value)(**moved)
+        except Exception:
+            return moved
+    if isinstance(value, (list, tuple)):
+        items = [_to(item, device) for item in value]
+        return items if isinstance(value, list) else tuple(items)
     return value

@@ -56,7 +56,10 @@ def distil_through_assistants(
     ``distiller_class(config_k, distill_config_k, chain[k-1][0], chain[k][0], chain[k-1][1],
     chain[k][1])`` and ``train(make_optimizer(model), dataloader, **train_options)`` inside
     ``with distiller:``; ``config_k`` is ``train_config`` with ``output_dir`` set to
-    ``{output_dir}/stage{k}``. The teacher (``chain[0]``) must be trained already.
+    ``{output_dir}/stage{k}`` (and ``log_dir``, if set, to ``{log_dir}/stage{k}``), so
+    ``resume_from='latest'`` resumes each link from its own folder. The teacher
+    (``chain[0]``) must be trained already. ``evaluate`` sees the model in the mode the
+    distiller left it (train mode): put it in eval mode inside ``evaluate``.
 
     Args:
         train_config: the training configuration of every link (its ``output_dir`` is the
@@ -80,10 +83,19 @@ def distil_through_assistants(
         raise ValueError(f"chain needs the teacher and at least one student, got {len(chain)} "
                          f"model(s)")
     for position, link in enumerate(chain):
-        if not (isinstance(link, (tuple, list)) and len(link) == 2
-                and isinstance(link[0], nn.Module) and callable(link[1])):
+        if not (isinstance(link, (tuple, list)) and len(link) == 2):
             raise TypeError(f"chain[{position}] must be a (model, adaptor) pair, got "
                             f"{type(link).__name__}")
+        if not isinstance(link[0], nn.Module):
+            raise TypeError(f"chain[{position}][0] must be the model (an nn.Module), got "
+                            f"{type(link[0]).__name__}")
+        if not callable(link[1]):
+            raise TypeError(f"chain[{position}][1] must be the adaptor (a function), got "
+                            f"{type(link[1]).__name__}")
+    if train_config.resume_from not in (None, "latest"):
+        raise ValueError(f"distil_through_assistants: resume_from={train_config.resume_from!r} "
+                         f"names one checkpoint, but each link writes its own folder; use "
+                         f"resume_from='latest' (each link resumes from its own) or None")
     models = [model for model, _ in chain]
     if len({id(model) for model in models}) != len(models):
         raise ValueError("each model of the chain must be a different module (a model "
@@ -102,7 +114,10 @@ def distil_through_assistants(
     for index in range(1, len(chain)):
         (teacher, adaptor_T), (student, adaptor_S) = chain[index - 1], chain[index]
         output_dir = os.path.join(train_config.output_dir, f"stage{index}")
-        config = TrainingConfig.from_dict({**train_config.to_dict(), "output_dir": output_dir})
+        fields = {**train_config.to_dict(), "output_dir": output_dir}
+        if train_config.log_dir:
+            fields["log_dir"] = os.path.join(train_config.log_dir, f"stage{index}")
+        config = TrainingConfig.from_dict(fields)
         distiller = distiller_class(config, configs[index - 1], teacher, student, adaptor_T,
                                     adaptor_S)
         with distiller:
