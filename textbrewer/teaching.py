@@ -157,7 +157,7 @@ class FunctionMatching:
             left unmixed, so that every batch has the same loss terms); ``'keep'`` leaves
             the batch's labels as they are: mixup's own label loss is
             ``λ·CE(y) + (1 − λ)·CE(y[partner])``, which an adaptor can build from
-            :attr:`last_weight` and :attr:`last_partner`. Tuple and list batches need
+            ``last_weight`` and ``last_partner``. Tuple and list batches need
             ``'keep'`` (their labels have no name to remove).
         label_key: the key ``labels='drop'`` removes.
         seed: seeds the generator of partners, weights and boxes.
