@@ -241,6 +241,10 @@ def test_patient_teacher_is_kd_only_with_mixup_and_its_schedule(tmp_path):
     assert not torch.equal(seen[0], torch.stack([d["features"] for d in data[:4]]))
     assert isinstance(recipe.train_options()["batch_postprocessor"], FunctionMatching)
     assert "batch_postprocessor" not in PatientTeacher(4, mix=None).train_options()
+    assert PatientTeacher(4, mix_probability=0.5).batch_postprocessor.probability == 0.5
+    with pytest.raises(ValueError, match="mix=None"):
+        PatientTeacher(4, hard_label_weight=1)
+    assert PatientTeacher(4, mix=None, hard_label_weight=1).distill_config.hard_label_weight == 1
 
 
 def test_the_assistant_chain_equals_two_distillations_by_hand(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
-METHODS = ("student_alone", "kd", "dkd", "fitnets", "at", "rkd", "crd")
+METHODS = ("student_alone", "kd", "dkd", "fitnets", "at", "rkd", "crd",
+           "student_alone_mixup", "kd_function_matching", "student_alone_long", "patient_kd")
 
 
 def _run_example(script, *arguments, timeout=300):
@@ -52,6 +53,16 @@ def test_vision_example_quick(tmp_path):
                 (method, seed)
     assert models["student_alone"]["delta_vs_student_alone"] == 0.0
     assert models["student_alone"]["distill_config"] is None
+    # Each distilled row is compared with the student alone trained as long (and, for
+    # function matching, on mixed images too).
+    assert models["patient_kd"]["baseline"] == "student_alone_long"
+    assert models["kd_function_matching"]["baseline"] == "student_alone_mixup"
+    assert models["kd"]["baseline"] == "student_alone"
+    for method in ("student_alone_mixup", "student_alone_long"):
+        assert models[method]["distill_config"] is None
+    # PatientTeacher's config: KD only, no hard labels.
+    assert models["patient_kd"]["distill_config"]["hard_label_weight"] == 0
+    assert models["patient_kd"]["distill_config"]["kd_loss_type"] == "kl"
     # Every distilled run records the configuration it used, as DistillationConfig.to_dict.
     assert models["crd"]["distill_config"]["intermediate_matches"][0]["loss"] == "crd"
     assert models["dkd"]["distill_config"]["kd_loss_weight_scheduler"][0] == "warmup"

@@ -496,11 +496,24 @@ class PatientTeacher:
         scheduler_args: ``{'lr_lambda': WarmupCosine(total_steps, warm-up steps)}``.
 
     ``distiller.train(optimizer, data, num_steps=total_steps, **recipe.train_options())``.
+
+    Args:
+        total_steps: optimizer steps of the whole schedule.
+        input_key: the batch's input to mix (see ``FunctionMatching``).
+        mix: ``'mixup'``, ``'cutmix'`` or None (no mixing).
+        alpha: the Beta(alpha, alpha) of the mixing weight.
+        temperature: the KD temperature τ.
+        warmup_fraction: the share of ``total_steps`` spent warming up.
+        seed: the mixing's seed.
+        mix_probability: the fraction of batches mixed.
+        **distill_options: further ``DistillationConfig`` fields (e.g. intermediate matches);
+            ``hard_label_weight`` > 0 needs ``mix=None`` (mixed batches carry no labels).
     """
 
     def __init__(self, total_steps: int, input_key: Any = "features",
                  mix: Optional[str] = "mixup", alpha: float = 1.0, temperature: float = 1.0,
-                 warmup_fraction: float = 0.05, seed: int = 0, **distill_options: Any):
+                 warmup_fraction: float = 0.05, seed: int = 0, mix_probability: float = 1.0,
+                 **distill_options: Any):
         from .teaching import FunctionMatching
         _check_positive_int("total_steps", total_steps)
         _check_weight("temperature", temperature, positive=True)
@@ -512,8 +525,12 @@ class PatientTeacher:
         options.update(distill_options)
         self.distill_config = DistillationConfig(**options)
         self.total_steps = total_steps
+        if mix is not None and options["hard_label_weight"]:
+            raise ValueError("PatientTeacher: FunctionMatching drops the labels of every batch, "
+                             "so hard_label_weight has nothing to weigh; pass mix=None to "
+                             "train on the labels too")
         self.batch_postprocessor = None if mix is None else FunctionMatching(
-            input_key, mode=mix, alpha=alpha, seed=seed)
+            input_key, mode=mix, alpha=alpha, probability=mix_probability, seed=seed)
         self.scheduler_class = torch.optim.lr_scheduler.LambdaLR
         self.scheduler_args = {"lr_lambda": WarmupCosine(
             total_steps, int(warmup_fraction * total_steps))}

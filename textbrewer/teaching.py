@@ -151,8 +151,8 @@ class FunctionMatching:
             (B, C, H, W).
         mode: ``'mixup'`` or ``'cutmix'``.
         alpha: λ ~ Beta(alpha, alpha) (Beyer et al. use 1 for mixup).
-        probability: the fraction of batches that are mixed; the others pass unchanged,
-            labels included.
+        probability: the fraction of batches that are mixed; the others keep their
+            inputs (and lose their labels under ``labels='drop'``, like the mixed ones).
         labels: ``'drop'`` removes ``label_key`` from dict batches (also from the batches
             left unmixed, so that every batch has the same loss terms); ``'keep'`` leaves
             the batch's labels as they are: mixup's own label loss is
