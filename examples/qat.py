@@ -17,15 +17,22 @@ Runs, each ``--steps`` optimizer steps from the same initial student weights:
    (``textbrewer.schemes.prepare_qat_student``: the CPU backend's default QAT qconfig,
    ``Linear + ReLU`` fused), trained on the labels only (``QATDistiller`` with
    ``kd_loss_weight=0``), then converted to int8 (``convert_to_int8``);
-3. QAT distilled: the same, with KD from the float teacher (KL at ``--temperature``, default 1,
-   plus the labels).
+3. QAT distilled: the same, with KD from the float teacher (τ²-scaled KL at
+   ``--temperature``, default 2) on all 1347 training images, the hard labels on the
+   labelled ``--train-size`` only (the other images are unlabelled transfer data, label
+   -100, masked out of the cross-entropy).
+
+The students alone run ``--alone-steps`` at ``--alone-lr``, the distilled one ``--steps``
+at ``--lr``: each tuned on a validation split held out of the training images
+(``--validation 247``), the same grid of learning rates and steps for both
+(docs/schemes/qat.md).
 
 The observers freeze after 80% of the steps. It prints the test accuracy (int8 after
 conversion for 2 and 3) and the size of each saved ``state_dict``, mean ± std over
 ``--seeds``, and writes ``{output_dir}/results.json``.
 
 Run:
-    python examples/qat.py                  # 3 seeds
+    python examples/qat.py                  # 5 seeds
     python examples/qat.py --quick          # seconds (the tests' run)
 """
 from __future__ import annotations
@@ -83,41 +90,80 @@ class QuantMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- runs
-def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
-    """Examples ``{'image': (8, 8), 'labels': ()}``: the teacher sees the whole training
-    split (1347), the students its first ``--train-size``; all are scored on the 450 test
-    images."""
-    data = common.digits_data(seed, train_size=args.train_size)
-    test = common.stack(data["test"])
+UNLABELLED = -100  # the label of a transfer image: ignored by the hard-label term
+
+
+def masked_adaptor(batch: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]
+                   ) -> Dict[str, Any]:
+    """The student's logits for KD and the cross-entropy over the batch's labelled rows only
+    (0 for a batch without any): the unlabelled transfer rows learn from the teacher alone."""
+    logits, labels = outputs["logits"], batch["labels"]
+    labelled = labels != UNLABELLED
+    loss = nn.functional.cross_entropy(logits, labels, ignore_index=UNLABELLED,
+                                       reduction="sum") / labelled.sum().clamp(min=1)
+    return {"logits": logits, "losses": [loss]}
+
+
+def logits_adaptor(batch: Any, outputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    return {"logits": outputs["logits"]}
+
+
+def split(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
+    """``teacher_train`` (all training images, labelled), ``labelled`` (their first
+    ``--train-size``: the students' labels), ``transfer`` (those plus the other training
+    images with label -100, for KD) and ``test``: the test split, or with ``--validation N``
+    the last N training images, then held out of all training."""
+    data = common.digits_data(seed)
+    train, test = data["teacher_train"], data["test"]
+    if args.validation:
+        train, test = train[:-args.validation], train[-args.validation:]
+    labelled = train[:args.train_size]
+    transfer = labelled + [{"image": example["image"], "labels": torch.tensor(UNLABELLED)}
+                           for example in train[args.train_size:]]
+    return {"teacher_train": train, "labelled": labelled,
+            "transfer": transfer if args.transfer else labelled, "test": common.stack(test)}
+
+
+def run_seed(args: argparse.Namespace, seed: int, only: Any = None) -> Dict[str, Any]:
+    """Examples ``{'image': (8, 8), 'labels': ()}``: the teacher learns from the whole
+    training split (1347), the students from the labels of its first ``--train-size`` (and
+    the distilled student from the teacher on all of it); all are scored on the 450 test
+    images (or the ``--validation`` images). ``only``: the students to train (tuning)."""
+    data = split(args, seed)
+    test = data["test"]
     runs = common.SeedRuns(args, seed, log_steps=1000)
-    adaptor = common.labels_adaptor
+
+    def train(trainer, model, loader, lr, steps):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        common.fit(trainer, optimizer, loader, num_steps=steps)
 
     torch.manual_seed(seed)
     teacher = Teacher()
-    runs.train_steps(BasicTrainer(runs.config("teacher"), teacher, adaptor), teacher,
-                     runs.loader(data["teacher_train"]), args.teacher_steps)
+    train(BasicTrainer(runs.config("teacher"), teacher, common.labels_adaptor), teacher,
+          runs.loader(data["teacher_train"]), args.teacher_lr, args.teacher_steps)
     torch.manual_seed(seed + 1)
     initial = QuantMLP()
+    result = {"teacher": {"accuracy": common.accuracy(teacher, test),
+                          "bytes": state_dict_bytes(teacher)}}
 
-    alone = copy.deepcopy(initial)
-    runs.train_steps(BasicTrainer(runs.config("student_alone"), alone, adaptor), alone,
-                     runs.loader(data["train"]), args.steps)
+    if only is None or "student_alone" in only:
+        alone = copy.deepcopy(initial)
+        train(BasicTrainer(runs.config("student_alone"), alone, masked_adaptor), alone,
+              runs.loader(data["labelled"]), args.alone_lr, args.alone_steps)
+        result["student_alone"] = {"accuracy": common.accuracy(alone, test),
+                                   "bytes": state_dict_bytes(alone)}
 
-    students = {}
-    for name, kd_weight in (("qat_student_alone", 0.0), ("qat_distilled", 1.0)):
+    for name, kd_weight, loader, lr, steps in (
+            ("qat_student_alone", 0.0, "labelled", args.alone_lr, args.alone_steps),
+            ("qat_distilled", args.kd_weight, "transfer", args.lr, args.steps)):
+        if only is not None and name not in only:
+            continue
         student = prepare_qat_student(initial, fuse=[["fc1", "relu1"]])
         distiller = QATDistiller(runs.config(name), DistillationConfig(
             kd_loss_type="kl", temperature=args.temperature, kd_loss_weight=kd_weight,
-            hard_label_weight=1.0), teacher, student, adaptor, adaptor,
+            hard_label_weight=1.0), teacher, student, logits_adaptor, masked_adaptor,
             freeze_observers_at=0.8)
-        runs.train_steps(distiller, student, runs.loader(data["train"]), args.steps)
-        students[name] = student
-
-    result = {"teacher": {"accuracy": common.accuracy(teacher, test),
-                          "bytes": state_dict_bytes(teacher)},
-              "student_alone": {"accuracy": common.accuracy(alone, test),
-                                "bytes": state_dict_bytes(alone)}}
-    for name, student in students.items():
+        train(distiller, student, runs.loader(data[loader]), lr, steps)
         int8 = convert_to_int8(student)
         result[name] = {"accuracy": common.accuracy(int8, test),
                         "int8_accuracy": common.accuracy(int8, test),
@@ -131,14 +177,28 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = common.ExampleParser(__doc__, "./output_qat",
                                   quick_help="one seed, few steps (tests)")
-    parser.add_seeds()
-    parser.add_quick_argument("--steps", 60, 600, "optimizer steps of each student")
+    parser.add_seeds(full=(0, 1, 2, 3, 4))
+    parser.add_quick_argument("--steps", 60, 3000, "optimizer steps of the distilled student")
+    parser.add_quick_argument("--alone-steps", 60, 6000,
+                              "optimizer steps of the students trained on the labels alone")
     parser.add_quick_argument("--teacher-steps", 150, 600, "optimizer steps of the teacher")
-    parser.add_argument("--train-size", type=int, default=300)
-    parser.add_training_options(lr=3e-3)
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="KD temperature (higher hurt here, see docs/schemes/qat.md)")
-    return parser.parse_args(argv)
+    parser.add_argument("--train-size", type=int, default=300,
+                        help="labelled training images of the students (default 300)")
+    parser.add_argument("--no-transfer", dest="transfer", action="store_false",
+                        help="distil on the labelled images only (no unlabelled transfer data)")
+    parser.add_argument("--validation", type=int, default=0,
+                        help="tuning: score the last N training images, held out of all "
+                             "training, instead of the test split (default 0: the test split)")
+    parser.add_training_options(lr=1e-2, lr_help="learning rate of the distilled student")
+    parser.add_argument("--alone-lr", type=float, default=1e-3,
+                        help="learning rate of the students trained on the labels alone")
+    parser.add_argument("--teacher-lr", type=float, default=3e-3)
+    parser.add_argument("--temperature", type=float, default=2.0,
+                        help="KD temperature (τ²-scaled KL)")
+    parser.add_argument("--kd-weight", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    common.at_least_one(parser, args, "train_size")
+    return args
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -161,7 +221,7 @@ def main(argv=None) -> Dict[str, Any]:
     results["run"] = common.run_record(args, started, torch=torch.__version__)
 
     print(f"\ntest accuracy, mean ± std over seeds {args.seeds} ({args.train_size} training "
-          f"images, {args.steps} steps per student; backend {results['backend']})")
+          f"labelled images; {args.alone_steps} steps alone, {args.steps} distilled; backend {results['backend']})")
     print(f"{'model':<20}{'precision':>11}{'accuracy':>20}{'state_dict bytes':>18}")
     for name, row in results["models"].items():
         precision = "int8" if name.startswith("qat") else "float32"
@@ -170,6 +230,11 @@ def main(argv=None) -> Dict[str, Any]:
     for name in ("qat_student_alone", "qat_distilled"):
         row = results["models"][name]
         print(f"{name}: fake-quantised before conversion {row['fake_quant_accuracy']:.4f}")
+    per_seed = {name: row["per_seed"] for name, row in results["models"].items()}
+    btw = common.better_tied_worse(per_seed["qat_distilled"], per_seed["qat_student_alone"])
+    results["better_tied_worse"] = {"qat_distilled vs qat_student_alone": btw}
+    print(f"qat_distilled vs qat_student_alone: better/tied/worse on {btw[0]}/{btw[1]}/"
+          f"{btw[2]} seeds")
     ratio = (results["models"]["student_alone"]["bytes"]
              / results["models"]["qat_distilled"]["bytes"])
     print(f"the int8 student's state_dict is {ratio:.1f}x smaller than the float student's")
