@@ -111,6 +111,19 @@ class ExampleParser(argparse.ArgumentParser):
         if temperature is not None:
             self.add_argument("--temperature", type=float, default=temperature)
 
+    def add_transfer_options(self) -> None:
+        """``--train-size``, ``--no-transfer`` and ``--validation``, passed to
+        :func:`transfer_split`."""
+        self.add_argument("--train-size", type=int, default=300,
+                          help="labelled training images of the students (default 300)")
+        self.add_argument("--no-transfer", dest="transfer", action="store_false",
+                          help="distil on the labelled images only (no unlabelled transfer "
+                               "data)")
+        self.add_argument("--validation", type=int, default=0,
+                          help="tuning: score the last N training images, held out of all "
+                               "training, instead of the test split (default 0: the test "
+                               "split)")
+
     def add_device(self) -> None:
         """``--device``: CUDA when there is one, else the CPU."""
         self.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -208,6 +221,31 @@ def digits_data(seed: int, key: str = "image", flat: bool = False,
             "test": digit_examples(test_x, test_y, key)}
 
 
+UNLABELLED = -100  # the label of a transfer image: ignored by the hard-label term
+
+
+def transfer_split(seed: int, train_size: int, validation: int = 0, transfer: bool = True,
+                   key: str = "image", flat: bool = False) -> Dict[str, Any]:
+    """The digits for students with few labels and an unlabelled transfer set.
+
+    ``teacher_train`` (all training images, labelled), ``labelled`` (their first
+    ``train_size``: the students' labels), ``transfer`` (those plus the other training
+    images with label :data:`UNLABELLED`, for KD; ``labelled`` without ``transfer``) and
+    ``test`` (stacked): the test split, or with ``validation = N`` the last N training
+    images, then held out of all training. Command-line options:
+    :meth:`ExampleParser.add_transfer_options`.
+    """
+    data = digits_data(seed, key=key, flat=flat)
+    train, test = data["teacher_train"], data["test"]
+    if validation:
+        train, test = train[:-validation], train[-validation:]
+    labelled = train[:train_size]
+    unlabelled = [{key: example[key], "labels": torch.tensor(UNLABELLED)}
+                  for example in train[train_size:]]
+    return {"teacher_train": train, "labelled": labelled,
+            "transfer": labelled + unlabelled if transfer else labelled, "test": stack(test)}
+
+
 def stack(examples: Examples) -> Dict[str, torch.Tensor]:
     """Examples as one batch: each key's tensors stacked, (N, ...)."""
     return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
@@ -270,6 +308,22 @@ def labels_adaptor(batch: Dict[str, torch.Tensor],
     their cross-entropy (the hard-label term)."""
     return {"logits": outputs["logits"], "labels": batch["labels"],
             "losses": torch.nn.functional.cross_entropy(outputs["logits"], batch["labels"])}
+
+
+def masked_adaptor(batch: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]
+                   ) -> Dict[str, Any]:
+    """The student's logits for KD and the cross-entropy over the batch's labelled rows only
+    (0 for a batch without any): the unlabelled transfer rows learn from the teacher alone."""
+    logits, labels = outputs["logits"], batch["labels"]
+    labelled = labels != UNLABELLED
+    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=UNLABELLED,
+                                             reduction="sum") / labelled.sum().clamp(min=1)
+    return {"logits": logits, "losses": [loss]}
+
+
+def logits_adaptor(batch: Any, outputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """The logits only (a teacher's adaptor: no hard-label term)."""
+    return {"logits": outputs["logits"]}
 
 
 @contextlib.contextmanager

@@ -50,45 +50,11 @@ from textbrewer import BasicTrainer, DistillationConfig, GeneralDistiller  # noq
 from textbrewer.schemes import AdversarialDistiller  # noqa: E402
 from textbrewer.utils import count_parameters, seed_everything  # noqa: E402
 
-UNLABELLED = -100  # the label of a transfer image: ignored by the hard-label term
-
-
-def masked_adaptor(batch: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]
-                   ) -> Dict[str, Any]:
-    """The student's logits for KD, and the cross-entropy over the batch's labelled rows
-    only (0 for a batch without any): the unlabelled rows learn from the teacher alone."""
-    logits, labels = outputs["logits"], batch["labels"]
-    labelled = labels != UNLABELLED
-    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=UNLABELLED,
-                                             reduction="sum") / labelled.sum().clamp(min=1)
-    return {"logits": logits, "losses": [loss]}
-
-
-def logits_adaptor(batch: Any, outputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    return {"logits": outputs["logits"]}
-
-
 class Student(common.MLP):
     """The MLP student; its forward ignores the labels (the adaptor scores them)."""
 
     def forward(self, x: torch.Tensor, labels: Any = None) -> Dict[str, torch.Tensor]:
         return {"logits": self.net(x)}
-
-
-def split(args, seed: int) -> Dict[str, Any]:
-    """``teacher_train`` (labelled), ``labelled`` (the students' first ``--train-size``),
-    ``transfer`` (the same plus the rest of the training images, labels -100 on the rest)
-    and ``test``: the test split, or with ``--validation N`` the last N training images,
-    then held out of everything else."""
-    data = common.digits_data(seed, key="x", flat=True)
-    train, test = data["teacher_train"], data["test"]
-    if args.validation:
-        train, test = train[:-args.validation], train[-args.validation:]
-    labelled = train[:args.train_size]
-    transfer = labelled + [{"x": example["x"], "labels": torch.tensor(UNLABELLED)}
-                           for example in train[args.train_size:]]
-    return {"teacher_train": train, "labelled": labelled,
-            "transfer": transfer if args.transfer else labelled, "test": common.stack(test)}
 
 
 def run_seed(args, seed: int, curves: Dict[str, Dict[int, float]] = None,
@@ -97,7 +63,8 @@ def run_seed(args, seed: int, curves: Dict[str, Dict[int, float]] = None,
     also each student's accuracy every ``--eval-steps`` steps, ``curves[name][step]``;
     ``only``: the students to train (default all; tuning)."""
     seed_everything(seed)
-    data = split(args, seed)
+    data = common.transfer_split(seed, args.train_size, args.validation, args.transfer,
+                                 key="x", flat=True)
     test = data["test"]
     eval_steps = args.eval_steps if curves is not None else None
     runs = common.SeedRuns(args, seed, log_steps=1000,
@@ -132,15 +99,16 @@ def run_seed(args, seed: int, curves: Dict[str, Dict[int, float]] = None,
     result = {"teacher": common.accuracy(teacher, test, "x")}
     wanted = (lambda name: only is None or name in only)
     if wanted("student_alone"):
-        fit("student_alone", BasicTrainer(runs.config("student_alone"), alone, masked_adaptor),
-            alone, args.alone_lr, runs.loader(data["labelled"]), args.alone_steps)
+        fit("student_alone",
+            BasicTrainer(runs.config("student_alone"), alone, common.masked_adaptor), alone,
+            args.alone_lr, runs.loader(data["labelled"]), args.alone_steps)
         result["student_alone"] = common.accuracy(alone, test, "x")
 
     distill_config = DistillationConfig(kd_loss_type="kl", temperature=args.temperature,
                                         kd_loss_weight=args.kd_weight, hard_label_weight=1.0)
     if wanted("kd_student"):
         fit("kd_student", GeneralDistiller(runs.config("kd_student"), distill_config, teacher,
-                                           kd, logits_adaptor, masked_adaptor),
+                                           kd, common.logits_adaptor, common.masked_adaptor),
             kd, args.lr, runs.loader(data["transfer"]), args.steps)
         result["kd_student"] = common.accuracy(kd, test, "x")
 
@@ -148,7 +116,8 @@ def run_seed(args, seed: int, curves: Dict[str, Dict[int, float]] = None,
         torch.manual_seed(seed + 2)
         distiller = AdversarialDistiller(
             runs.config("adversarial_student"), distill_config, teacher, adversarial,
-            logits_adaptor, masked_adaptor, adversarial_weight=args.adversarial_weight,
+            common.logits_adaptor, common.masked_adaptor,
+            adversarial_weight=args.adversarial_weight,
             feature="logits", temperature=1.0, input_dim=10, hidden_size=64,
             discriminator_lr=args.discriminator_lr)
         fit("adversarial_student", distiller, adversarial, args.lr,
@@ -165,13 +134,7 @@ def parse_args(argv=None):
     parser.add_quick_argument("--alone-steps", 100, 4000,
                               "optimizer steps of the student alone")
     parser.add_quick_argument("--teacher-epochs", 3, 20)
-    parser.add_argument("--train-size", type=int, default=300,
-                        help="labelled training images of the students (default 300)")
-    parser.add_argument("--no-transfer", dest="transfer", action="store_false",
-                        help="distil on the labelled images only (no unlabelled transfer data)")
-    parser.add_argument("--validation", type=int, default=0,
-                        help="tuning: score the last N training images, held out of all "
-                             "training, instead of the test split (default 0: the test split)")
+    parser.add_transfer_options()
     parser.add_argument("--eval-steps", type=int, default=500,
                         help="tuning curves: score every N steps (run_seed's curves)")
     parser.add_argument("--hidden", type=int, default=16)

@@ -90,46 +90,12 @@ class QuantMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- runs
-UNLABELLED = -100  # the label of a transfer image: ignored by the hard-label term
-
-
-def masked_adaptor(batch: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]
-                   ) -> Dict[str, Any]:
-    """The student's logits for KD and the cross-entropy over the batch's labelled rows only
-    (0 for a batch without any): the unlabelled transfer rows learn from the teacher alone."""
-    logits, labels = outputs["logits"], batch["labels"]
-    labelled = labels != UNLABELLED
-    loss = nn.functional.cross_entropy(logits, labels, ignore_index=UNLABELLED,
-                                       reduction="sum") / labelled.sum().clamp(min=1)
-    return {"logits": logits, "losses": [loss]}
-
-
-def logits_adaptor(batch: Any, outputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    return {"logits": outputs["logits"]}
-
-
-def split(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
-    """``teacher_train`` (all training images, labelled), ``labelled`` (their first
-    ``--train-size``: the students' labels), ``transfer`` (those plus the other training
-    images with label -100, for KD) and ``test``: the test split, or with ``--validation N``
-    the last N training images, then held out of all training."""
-    data = common.digits_data(seed)
-    train, test = data["teacher_train"], data["test"]
-    if args.validation:
-        train, test = train[:-args.validation], train[-args.validation:]
-    labelled = train[:args.train_size]
-    transfer = labelled + [{"image": example["image"], "labels": torch.tensor(UNLABELLED)}
-                           for example in train[args.train_size:]]
-    return {"teacher_train": train, "labelled": labelled,
-            "transfer": transfer if args.transfer else labelled, "test": common.stack(test)}
-
-
 def run_seed(args: argparse.Namespace, seed: int, only: Any = None) -> Dict[str, Any]:
     """Examples ``{'image': (8, 8), 'labels': ()}``: the teacher learns from the whole
     training split (1347), the students from the labels of its first ``--train-size`` (and
     the distilled student from the teacher on all of it); all are scored on the 450 test
     images (or the ``--validation`` images). ``only``: the students to train (tuning)."""
-    data = split(args, seed)
+    data = common.transfer_split(seed, args.train_size, args.validation, args.transfer)
     test = data["test"]
     runs = common.SeedRuns(args, seed, log_steps=1000)
 
@@ -148,7 +114,7 @@ def run_seed(args: argparse.Namespace, seed: int, only: Any = None) -> Dict[str,
 
     if only is None or "student_alone" in only:
         alone = copy.deepcopy(initial)
-        train(BasicTrainer(runs.config("student_alone"), alone, masked_adaptor), alone,
+        train(BasicTrainer(runs.config("student_alone"), alone, common.masked_adaptor), alone,
               runs.loader(data["labelled"]), args.alone_lr, args.alone_steps)
         result["student_alone"] = {"accuracy": common.accuracy(alone, test),
                                    "bytes": state_dict_bytes(alone)}
@@ -161,7 +127,7 @@ def run_seed(args: argparse.Namespace, seed: int, only: Any = None) -> Dict[str,
         student = prepare_qat_student(initial, fuse=[["fc1", "relu1"]])
         distiller = QATDistiller(runs.config(name), DistillationConfig(
             kd_loss_type="kl", temperature=args.temperature, kd_loss_weight=kd_weight,
-            hard_label_weight=1.0), teacher, student, logits_adaptor, masked_adaptor,
+            hard_label_weight=1.0), teacher, student, common.logits_adaptor, common.masked_adaptor,
             freeze_observers_at=0.8)
         train(distiller, student, runs.loader(data[loader]), lr, steps)
         int8 = convert_to_int8(student)
@@ -182,13 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_quick_argument("--alone-steps", 60, 6000,
                               "optimizer steps of the students trained on the labels alone")
     parser.add_quick_argument("--teacher-steps", 150, 600, "optimizer steps of the teacher")
-    parser.add_argument("--train-size", type=int, default=300,
-                        help="labelled training images of the students (default 300)")
-    parser.add_argument("--no-transfer", dest="transfer", action="store_false",
-                        help="distil on the labelled images only (no unlabelled transfer data)")
-    parser.add_argument("--validation", type=int, default=0,
-                        help="tuning: score the last N training images, held out of all "
-                             "training, instead of the test split (default 0: the test split)")
+    parser.add_transfer_options()
     parser.add_training_options(lr=1e-2, lr_help="learning rate of the distilled student")
     parser.add_argument("--alone-lr", type=float, default=1e-3,
                         help="learning rate of the students trained on the labels alone")
@@ -221,7 +181,8 @@ def main(argv=None) -> Dict[str, Any]:
     results["run"] = common.run_record(args, started, torch=torch.__version__)
 
     print(f"\ntest accuracy, mean ± std over seeds {args.seeds} ({args.train_size} training "
-          f"labelled images; {args.alone_steps} steps alone, {args.steps} distilled; backend {results['backend']})")
+          f"labelled images; {args.alone_steps} steps alone, {args.steps} distilled; "
+          f"backend {results['backend']})")
     print(f"{'model':<20}{'precision':>11}{'accuracy':>20}{'state_dict bytes':>18}")
     for name, row in results["models"].items():
         precision = "int8" if name.startswith("qat") else "float32"

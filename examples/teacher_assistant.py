@@ -39,22 +39,13 @@ from textbrewer.schemes import distil_through_assistants  # noqa: E402
 ROWS = ("teacher", "student_alone", "kd_direct", "assistant", "via_assistant")
 
 
-def split(seed: int, holdout: bool) -> Dict[str, Any]:
-    """``teacher_train``, ``train`` (its first ``train_size``) and ``test`` examples
-    ``{'x': (64,), 'labels': ()}``; with ``holdout`` the last 20% of the training images
-    are the test set."""
-    train_x, test_x, train_y, test_y = common.digits_split(seed, flat=True)
-    if holdout:
-        cut = int(len(train_x) * 0.8)
-        train_x, test_x, train_y, test_y = train_x[:cut], train_x[cut:], train_y[:cut], \
-            train_y[cut:]
-    return {"teacher_train": common.digit_examples(train_x, train_y, "x"),
-            "test": common.stack(common.digit_examples(test_x, test_y, "x"))}
+HOLDOUT_IMAGES = 270  # --holdout: the last 20% of the 1347 training images
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, float]:
-    data = split(seed, args.holdout)
-    train = data["teacher_train"][:args.train_size]
+    data = common.transfer_split(seed, args.train_size,
+                                 HOLDOUT_IMAGES if args.holdout else 0, key="x", flat=True)
+    train = data["labelled"]
     runs = common.SeedRuns(args, seed, log_steps=10_000)
     adaptor = common.loss_adaptor
     score = lambda model: common.accuracy(model, data["test"], key="x")  # noqa: E731
