@@ -4,16 +4,22 @@ The data is scikit-learn's bundled copy of the UCI optical-recognition digits (1
 grey-scale images of 8x8 pixels, no download), upscaled bilinearly to 16x16 so that the
 convolutional feature maps keep some spatial extent (16 -> 8 -> 4).
 
-One teacher CNN (widths 16-32-64) is trained once with ``BasicTrainer``. Then, for each
-seed, the student CNN (widths 4-8-16, same layout) starts from the same initial weights
-and is trained in these ways (15 epochs unless said otherwise):
+One teacher CNN (widths 16-32-64) is trained once with ``BasicTrainer`` on all the
+training images and their labels. The students get few labels (``--train-size``, 150 of
+the 1347, stratified): the student alone trains on those only; a distilled student also
+sees the other training images without their labels (an unlabelled *transfer set*, Hinton
+et al. 2015), where only the teacher's terms apply. Every student run takes the same
+number of optimizer steps: 15 passes over all training images (330 steps of 64; the long
+runs 180), whatever its own data. For each seed, the student CNN (widths 4-8-16, same
+layout) starts from the same initial weights and is trained in these ways:
 
 ====================  ====================================================================
 student_alone         the labels only (``BasicTrainer``): the baseline of the rows below
 kd                    labels + Hinton KD on the logits (``kd_loss_type='kl'``, temperature
-                      1, weight 0.5)
+                      4, weight 1)
 dkd                   labels + Decoupled KD (``['dkd', 1, 1]``, temperature 4), warm-up
-                      ``['warmup', 0.2]``
+                      ``['warmup', 0.2]``; its target class on an unlabelled image is the
+                      teacher's top class
 fitnets               labels + a hint: student ``layer2`` (8 channels) through a learned
                       1x1 conv to teacher ``layer2`` (32 channels), ``'fitnet'`` loss
 at                    labels + attention transfer (``'at'``) on ``layer1``-``layer3``
@@ -35,22 +41,25 @@ patient_kd            ``recipes.PatientTeacher``: KD only (temperature 4), mixup
 
 Every distilled run uses ``GeneralDistiller`` and a ``DistillationConfig``; features are
 named by submodule (``module_T`` / ``module_S``), so the models need no adaptor for them.
-The table reports, per method, the test accuracy after the LAST epoch (no checkpoint is
+The table reports, per method, the test accuracy after the LAST step (no checkpoint is
 picked), mean and standard deviation over the seeds, and the change against the row's
-baseline: the student alone with the same epochs and augmentation (added to the runs
+baseline: the student alone with the same steps and augmentation (added to the runs
 when its row is asked for). Results also go to ``{output_dir}/results.json``.
 
 Run:
-    python examples/vision.py                          # 5 seeds: about 4.5 minutes of CPU time
+    python examples/vision.py                          # 5 seeds: about 3 minutes of CPU time
     python examples/vision.py --quick                  # about 8 s of CPU (used by the tests)
     python examples/vision.py --seeds 0 1 --methods student_alone kd crd
     python examples/vision.py --holdout                # score on a held-out part of the
                                                        # training images (for tuning)
+    python examples/vision.py --train-size 0           # every label, no transfer set (the
+                                                       # previous version's setting)
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import statistics
 import sys
@@ -74,6 +83,7 @@ from textbrewer.teaching import FunctionMatching, mixup  # noqa: E402
 from textbrewer.utils import count_parameters  # noqa: E402
 
 IMAGE_SIZE = 16
+TRAIN_SIZE = 150  # labelled images of the students; the teacher has all the training labels
 TEACHER_CONFIG = dict(widths=[16, 32, 64], num_classes=10)
 STUDENT_CONFIG = dict(widths=[4, 8, 16], num_classes=10)
 METHODS = ("student_alone", "kd", "dkd", "fitnets", "at", "rkd", "crd",
@@ -83,8 +93,18 @@ EXTRA_METHODS = ("crd_kd",)
 
 
 # ---------------------------------------------------------------------------------- data
-def load_data(holdout: bool, split_seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
-    """``{'train': {'images', 'labels'}, 'eval': {...}}``; images (N, 1, 16, 16) in [0, 1].
+def load_data(holdout: bool, train_size: int = 0, transfer: bool = True,
+              split_seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The splits, each ``{'images', 'labels'}``; images (N, 1, 16, 16) in [0, 1].
+
+    - ``train``: every training image, labelled: the teacher's data;
+    - ``labelled``: ``train_size`` of them (stratified; all when 0): the students' labels,
+      and all the student alone trains on;
+    - ``transfer``: those, plus the other training images with the label
+      ``common.UNLABELLED`` (-100): what the distilled students train on (the hard-label
+      term sees the labelled rows only, the teacher's terms every row). Without
+      ``transfer`` (or with ``train_size`` 0) it is ``labelled``;
+    - ``eval``: the test images.
 
     The split is fixed (``split_seed``), so the teacher is trained once and every seed
     of every method is scored on the same images: seeds vary the student's initial
@@ -106,8 +126,36 @@ def load_data(holdout: bool, split_seed: int = 0) -> Dict[str, Dict[str, torch.T
     if holdout:
         train, test = train_test_split(train, test_size=0.2, random_state=split_seed,
                                        stratify=digits.target[train])
-    return {"train": {"images": images[train], "labels": labels[train]},
+    data = {"train": {"images": images[train], "labels": labels[train]},
             "eval": {"images": images[test], "labels": labels[test]}}
+    if not train_size or train_size >= len(train):
+        data["labelled"] = data["transfer"] = data["train"]
+        return data
+    labelled, unlabelled = train_test_split(train, train_size=train_size,
+                                            random_state=split_seed,
+                                            stratify=digits.target[train])
+    data["labelled"] = {"images": images[labelled], "labels": labels[labelled]}
+    if not transfer:
+        data["transfer"] = data["labelled"]
+        return data
+    hidden = torch.full((len(unlabelled),), common.UNLABELLED, dtype=torch.long)
+    data["transfer"] = {"images": torch.cat([images[labelled], images[unlabelled]]),
+                        "labels": torch.cat([labels[labelled], hidden])}
+    return data
+
+
+@torch.no_grad()
+def with_teacher_targets(split: Dict[str, torch.Tensor],
+                         teacher: nn.Module) -> Dict[str, torch.Tensor]:
+    """``split`` plus ``targets`` (N,): the gold label of a labelled image, the teacher's
+    top class of an unlabelled one. Decoupled KD splits the distributions into a target
+    class and the rest, so it needs one per row; on the transfer images the teacher's
+    prediction is the only one there is."""
+    with common.evaluating(teacher):
+        device = next(teacher.parameters()).device
+        predicted = teacher(split["images"].to(device))["logits"].argmax(-1).cpu()
+    labelled = split["labels"] != common.UNLABELLED
+    return {**split, "targets": torch.where(labelled, split["labels"], predicted)}
 
 
 class DictDataset(torch.utils.data.Dataset):
@@ -152,27 +200,34 @@ class ConvNet(nn.Module):
         self.layer3 = block(widths[1], widths[2], pool=False)
         self.classifier = nn.Linear(widths[2], num_classes)
 
-    def forward(self, images: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``loss``: the cross-entropy over the rows whose label is not
+        ``common.UNLABELLED`` (0 for a batch without any). ``targets`` are for the
+        adaptor (Decoupled KD), not used here."""
         features = self.layer3(self.layer2(self.layer1(images)))
         embedding = features.mean(dim=(2, 3))
         logits = self.classifier(embedding)
         outputs = {"logits": logits}
         if labels is not None:
-            outputs["loss"] = F.cross_entropy(logits, labels)
+            kept = (labels != common.UNLABELLED).sum().clamp(min=1)
+            outputs["loss"] = F.cross_entropy(logits, labels, ignore_index=common.UNLABELLED,
+                                              reduction="sum") / kept
         return outputs
 
 
 def adaptor(batch: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     """Logits for the KD term, the loss for the hard-label term, and the labels, which
-    Decoupled KD needs (it splits the distribution into the gold class and the rest).
-    Intermediate features are captured by module name, so they are not listed here.
+    Decoupled KD needs (it splits the distribution into the gold class and the rest): the
+    batch's ``targets`` where it has them (:func:`with_teacher_targets`), else its
+    ``labels``. Intermediate features are captured by module name, so they are not listed.
 
     A batch mixed by ``FunctionMatching`` (``labels='drop'``) has no labels: then only the
     logits are returned, and that batch trains on the teacher alone."""
     if "labels" not in batch:
         return {"logits": outputs["logits"]}
-    return {"logits": outputs["logits"], "losses": outputs["loss"], "labels": batch["labels"]}
+    return {"logits": outputs["logits"], "losses": outputs["loss"],
+            "labels": batch.get("targets", batch["labels"])}
 
 
 class MixupLabels:
@@ -200,11 +255,11 @@ class MixupLabels:
 # never on the test images; the grids tried are in examples/README.md. Each can be
 # overridden on the command line (the search used those options).
 SETTINGS = dict(
-    temperature=1.0,        # kd (and crd_kd); 2 and 4 were worse on the held-out images
-    kd_weight=0.5,          # with 'kl' (T^2-scaled), CE + kd_weight x KD
+    temperature=4.0,        # kd (and crd_kd); from 1, 2, 4 x weight 0.5, 1 x lr 3e-2, 1e-1
+    kd_weight=1.0,          # with 'kl' (T^2-scaled), CE + kd_weight x KD
     dkd_temperature=4.0,    # dkd: the paper's
     dkd_beta=1.0,           # DKD: alpha 1 (target vs rest), beta (among the non-targets);
-                            # the paper's 8 was far worse here (held-out 0.930 vs 0.967)
+                            # from 1, 2, 8 x temperature 1, 4 x lr 3e-2, 1e-1
     dkd_warmup=0.2,         # DKD's weight ramps 0 -> 1 over this fraction of training
     fm_temperature=1.0,     # kd_function_matching: KD only (weight 1) at this temperature,
     fm_probability=0.5,     # with this fraction of the batches mixed
@@ -300,41 +355,51 @@ def cosine_schedule(total_steps: int) -> Dict[str, Any]:
                                                           int(0.05 * total_steps))})
 
 
+def budget(data, args: argparse.Namespace, epochs: int) -> int:
+    """Optimizer steps of every student run: ``epochs`` passes over all the training
+    images (``train``), whatever a run's own data. The student alone on a few labels
+    takes as many steps as a distilled student on the whole transfer set."""
+    return epochs * math.ceil(len(data["train"]["labels"]) / args.batch_size)
+
+
 def train_alone(model: nn.Module, data, args: argparse.Namespace, device: torch.device,
                 epochs: int, seed: int, output_dir: str, mix: str = "none",
-                long: bool = False) -> None:
-    """Supervised training on the labels: the teacher, or the student baseline. ``mix``
-    'mixup' mixes images and labels (``MixupLabels``); ``long`` uses the cosine schedule
-    of the long runs instead of the linear decay."""
-    loader = train_loader(data["train"], args.batch_size, seed)
-    optimizer, schedule = common.optimizer_and_schedule(model, args.lr, epochs * len(loader),
+                long: bool = False, split: str = "labelled") -> None:
+    """Supervised training on the labels of ``split``: the teacher (``train``), or the
+    student baseline (``labelled``, for :func:`budget` steps). ``mix`` 'mixup' mixes
+    images and labels (``MixupLabels``); ``long`` uses the cosine schedule of the long
+    runs instead of the linear decay."""
+    loader = train_loader(data[split], args.batch_size, seed)
+    steps = budget(data, args, epochs)
+    optimizer, schedule = common.optimizer_and_schedule(model, args.lr, steps,
                                                         weight_decay=5e-4)
     if long:
-        schedule = cosine_schedule(epochs * len(loader))
+        schedule = cosine_schedule(steps)
     if mix == "mixup":
         schedule["batch_postprocessor"] = MixupLabels(seed=seed)
     trainer = BasicTrainer(train_config(output_dir, device, epochs, seed), model, adaptor)
-    common.fit(trainer, optimizer, loader, num_epochs=epochs, **schedule)
+    common.fit(trainer, optimizer, loader, num_steps=steps, **schedule)
 
 
 def distil(method: str, teacher: nn.Module, student: nn.Module, data,
            args: argparse.Namespace, device: torch.device, seed: int,
            output_dir: str) -> DistillationConfig:
-    """The student learns from the teacher with ``method``'s losses, for ``args.epochs``
-    (``patient_kd``: ``long_epochs``)."""
+    """The student learns from the teacher with ``method``'s losses on the transfer set,
+    for :func:`budget` steps of ``args.epochs`` (``patient_kd``: ``long_epochs``)."""
     # Projections and loss modules draw their initial weights when the distiller is
     # built: seed first, so each (method, seed) run is reproducible.
     torch.manual_seed(seed)
-    loader = train_loader(data["train"], args.batch_size, seed)
+    split = data["transfer_targets"] if method == "dkd" else data["transfer"]
+    loader = train_loader(split, args.batch_size, seed)
     epochs = args.long_epochs if method == "patient_kd" else args.epochs
-    optimizer, schedule = common.optimizer_and_schedule(student, args.lr,
-                                                        epochs * len(loader),
+    steps = budget(data, args, epochs)
+    optimizer, schedule = common.optimizer_and_schedule(student, args.lr, steps,
                                                         weight_decay=5e-4)
     custom_matches: List[CustomMatch] = []
     if method == "patient_kd":
         # Beyer et al.: KD only (no labels), mixup on the one view both models see,
         # a long warm-up + cosine schedule.
-        recipe = PatientTeacher(epochs * len(loader), input_key="images", mix="mixup",
+        recipe = PatientTeacher(steps, input_key="images", mix="mixup",
                                 temperature=SETTINGS["patient_temperature"],
                                 warmup_fraction=0.05, seed=seed)
         distill_config, schedule = recipe.distill_config, recipe.train_options()
@@ -350,7 +415,7 @@ def distil(method: str, teacher: nn.Module, student: nn.Module, data,
                                  distill_config, model_T=teacher, model_S=student,
                                  adaptor_T=adaptor, adaptor_S=adaptor,
                                  custom_matches=custom_matches)
-    common.fit(distiller, optimizer, loader, num_epochs=epochs, **schedule)
+    common.fit(distiller, optimizer, loader, num_steps=steps, **schedule)
     distiller.remove_hooks()  # the teacher is shared by the next runs
     return distill_config
 
@@ -359,13 +424,20 @@ def distil(method: str, teacher: nn.Module, student: nn.Module, data,
 def parse_args(argv=None) -> argparse.Namespace:
     parser = common.ExampleParser(__doc__, "./output_vision",
                                   quick_help="a much smaller run, for tests (seconds)")
-    parser.add_quick_argument("--epochs", 2, 15, "epochs of every student run, alone or "
-                              "distilled: the same budget for all")
+    parser.add_quick_argument("--epochs", 2, 15, "the budget of every student run, alone or "
+                              "distilled, in passes over all the training images (the "
+                              "same number of steps for all, whatever a run's data)")
     parser.add_quick_argument("--teacher-epochs", 4, 30, "epochs of the teacher")
     parser.add_seeds((0, 1, 2, 3, 4), "student seeds: initial weights and batch order")
     parser.add_argument("--methods", nargs="+", default=list(METHODS),
                         choices=list(METHODS + EXTRA_METHODS),
                         help="which runs (student_alone is always added: it is the baseline)")
+    parser.add_argument("--train-size", type=int, default=TRAIN_SIZE,
+                        help=f"labelled training images of the students (default {TRAIN_SIZE},"
+                             f" stratified; 0: all); the teacher has every label")
+    parser.add_argument("--no-transfer", dest="transfer", action="store_false",
+                        help="distil on the labelled images only (no unlabelled transfer "
+                             "images)")
     parser.add_argument("--holdout", action="store_true",
                         help="score on 20%% of the training images held out, not on the "
                              "test images: use it to choose settings")
@@ -377,7 +449,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         else:
             parser.add_argument(flag, type=type(value), default=value,
                                 help=f"(default {value}; chosen with --holdout)")
-    parser.add_training_options(lr=1e-2, batch_size=64)
+    # 3e-2: the student alone's best at the full budget (1e-1 tied it), for every student
+    parser.add_training_options(lr=3e-2, batch_size=64)
     parser.add_device()
     parser.add_threads("torch CPU threads (default 1: these convolutions are too small to gain "
                        "from more, and on a busy machine extra threads wait on each other)")
@@ -396,18 +469,22 @@ def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     started = common.start(args.threads, quiet=True)  # 7 x seeds runs: the console shows the table
     device = torch.device(args.device)
-    data = load_data(args.holdout)
+    data = load_data(args.holdout, args.train_size, args.transfer)
     scored_on = "held-out training images" if args.holdout else "test images"
-    print(f"digits {IMAGE_SIZE}x{IMAGE_SIZE}: {len(data['train']['labels'])} training images, "
+    print(f"digits {IMAGE_SIZE}x{IMAGE_SIZE}: {len(data['train']['labels'])} training images "
+          f"(students: {len(data['labelled']['labels'])} labelled, distilled on "
+          f"{len(data['transfer']['labels'])}), "
           f"{len(data['eval']['labels'])} {scored_on}; device {device}; teacher "
           f"{args.teacher_epochs} epochs, students {args.epochs} epochs; seeds {args.seeds}")
 
     torch.manual_seed(1000)  # the teacher: one fixed seed, apart from the students'
     teacher = ConvNet(**TEACHER_CONFIG).to(device)
     train_alone(teacher, data, args, device, args.teacher_epochs, seed=1000,
-                output_dir=os.path.join(args.output_dir, "teacher"))
+                output_dir=os.path.join(args.output_dir, "teacher"), split="train")
     teacher_accuracy = common.accuracy(teacher, data["eval"], "images", device)
     print(f"teacher: {teacher_accuracy:.4f}")
+    if "dkd" in args.methods:
+        data["transfer_targets"] = with_teacher_targets(data["transfer"], teacher)
 
     accuracies: Dict[str, List[float]] = {method: [] for method in args.methods}
     configs: Dict[str, Any] = {}
@@ -457,8 +534,9 @@ def main(argv=None) -> Dict[str, Any]:
                           "image_size": IMAGE_SIZE}
     results["run"] = common.run_record(
         args, started, ["epochs", "teacher_epochs", "seeds", "methods", "lr", "batch_size",
-                        "quick", "holdout"],
-        settings={"scored_on": scored_on, "device": str(device), **SETTINGS}, torch=torch.__version__)
+                        "quick", "holdout", "train_size", "transfer"],
+        settings={"scored_on": scored_on, "device": str(device), **SETTINGS},
+        torch=torch.__version__)
 
     count = len(args.seeds)
     print()

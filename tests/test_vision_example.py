@@ -69,3 +69,27 @@ def test_vision_example_quick(tmp_path):
     assert results["size_ratio"] == pytest.approx(
         teacher["parameters"] / models["student_alone"]["parameters"])
     assert f"{teacher['accuracy']:.4f}" in completed.stdout
+    # The students' data: 150 labelled images; the distilled ones also the other 1197
+    # training images, unlabelled.
+    assert results["run"]["train_size"] == 150 and results["run"]["transfer"] is True
+    assert "1347 training images (students: 150 labelled, distilled on 1347)" in completed.stdout
+
+
+def test_vision_kd_and_dkd_beat_student_alone(tmp_path):
+    """The full-budget runs of two seeds (about 15 s of CPU): KD and DKD, on the transfer
+    set, beat the student alone on its 150 labels by 3 points or more on each seed.
+    Measured (torch 2.14.1 CPU, 1 thread), seeds 0, 1: student alone 0.9222, 0.8889; kd
+    0.9689, 0.9822; dkd 0.9667, 0.9844 (teacher 0.9933)."""
+    pytest.importorskip("sklearn")
+    completed = _run_example("vision.py", "--seeds", "0", "1", "--methods", "kd", "dkd",
+                             "--output-dir", str(tmp_path))
+    assert completed.returncode == 0, completed.stderr
+    with open(tmp_path / "results.json", encoding="utf-8") as handle:
+        models = json.load(handle)["models"]
+    assert models["teacher"]["accuracy"] > 0.97
+    alone = models["student_alone"]["accuracies"]
+    assert 0.85 < min(alone) and max(alone) < 0.95  # few labels: room for the teacher
+    for method in ("kd", "dkd"):
+        for seed, (distilled, baseline) in enumerate(zip(models[method]["accuracies"], alone)):
+            assert distilled >= baseline + 0.03, (method, seed, distilled, baseline)
+        assert models[method]["better_tied_worse"] == [2, 0, 0], method
