@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TinyTransformer", "tiny_adaptor", "make_classification_data"]
+__all__ = ["TinyTransformer", "tiny_adaptor", "make_classification_data", "train_tokenizer",
+           "TOKENIZER_KINDS"]
 
 
 class _SelfAttention(nn.Module):
@@ -163,3 +164,80 @@ def make_classification_data(num_examples: int = 64, length: int = 8, vocab_size
     input_ids = input_ids * attention_mask
     labels = (((input_ids < vocab_size // 2) & (attention_mask == 1)).sum(1)) % num_labels
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+#: the kinds of tokenizer :func:`train_tokenizer` trains
+TOKENIZER_KINDS = ("byte_bpe", "sentencepiece_bpe", "wordpiece", "unigram")
+
+
+def train_tokenizer(kind: str, texts: Any, vocab_size: int) -> Any:
+    """A real tokenizer trained offline on ``texts`` in seconds (the ``tokenizers``
+    library, which transformers installs), for cross-tokenizer tests and examples.
+
+    ``'byte_bpe'``: GPT-2-style byte-level BPE, ``<s> … </s>`` around each text (ids 1 and
+    2; ``<pad>`` is 0). ``'wordpiece'``: BERT-style (whitespace dropped, punctuation split,
+    ``##`` continuations), ``[CLS] … [SEP]``, ``[PAD]`` = 0. ``'sentencepiece_bpe'``:
+    Llama-style BPE over ``▁``-marked words (characters, ``<unk>`` for unseen ones), ``<s>``
+    in front (id 1; ``<pad>`` 0, ``<unk>`` 2). ``'unigram'``: SentencePiece-style Unigram
+    with ``▁`` word starts, ``</s>`` at the end, ``<pad>`` = 0.
+
+    The two BPE kinds train to the same vocabulary on every run; the WordPiece and Unigram
+    trainers of ``tokenizers`` break ties differently from run to run (even on one thread),
+    so save those (``tokenizer.save(path)``) where runs must agree.
+
+    Args:
+        kind: one of :data:`TOKENIZER_KINDS`.
+        texts: an iterable of strings.
+        vocab_size: the vocabulary to learn (special tokens included).
+
+    Returns:
+        a ``tokenizers.Tokenizer``.
+    """
+    from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                            processors, trainers)
+    texts = list(texts)
+    if kind == "byte_bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                      special_tokens=["<pad>", "<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(texts, trainer)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    elif kind == "sentencepiece_bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                      special_tokens=["<pad>", "<s>", "<unk>"])
+        tokenizer.train_from_iterator(texts, trainer)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 1)])
+    elif kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+                                            special_tokens=["[PAD]", "[UNK]", "[CLS]",
+                                                            "[SEP]"])
+        tokenizer.train_from_iterator(texts, trainer)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    elif kind == "unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, show_progress=False,
+                                          special_tokens=["<pad>", "<unk>", "</s>"],
+                                          unk_token="<unk>")
+        tokenizer.train_from_iterator(texts, trainer)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A </s>", special_tokens=[("</s>", 2)])
+    else:
+        raise ValueError(f"kind must be one of {list(TOKENIZER_KINDS)}, got {kind!r}")
+    return tokenizer

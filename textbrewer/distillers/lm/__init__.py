@@ -30,13 +30,16 @@ none. Encoder-decoder models shift inside: the decoder logits at t are scored ag
 The package, by concern: :mod:`.config` (the options), :mod:`.alignment` (targets aligned
 with the logits, per kind of LM), :mod:`.generation` (on-policy and sequence-level
 batches), :mod:`.heads` (logits from outputs, and the output-head swap of the fused path),
-:mod:`.base` (the loss of one batch), :mod:`.causal` and :mod:`.seq2seq` (the distillers).
+:mod:`.base` (the loss of one batch), :mod:`.causal` and :mod:`.seq2seq` (the distillers),
+:mod:`.cross_tokenizer` (two tokenizers: aligned token groups, the vocabulary map, the
+collator; the losses are in :mod:`textbrewer.losses.token.cross`).
 """
 from .alignment import PreparedBatch
 from .base import LMDistillerBase
 from .causal import CausalLMDistiller
 from .config import LMDistillationConfig
+from .cross_tokenizer import CrossTokenizerCollator, align_token_groups, vocabulary_map
 from .seq2seq import Seq2SeqLMDistiller
 
 __all__ = ["LMDistillationConfig", "LMDistillerBase", "CausalLMDistiller", "Seq2SeqLMDistiller",
-           "PreparedBatch"]
+           "PreparedBatch", "CrossTokenizerCollator", "align_token_groups", "vocabulary_map"]

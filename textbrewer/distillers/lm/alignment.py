@@ -14,6 +14,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from ...losses.token import TopKTeacher
+from ...losses.token.cross import TokenGroups
 
 __all__ = ["PreparedBatch", "CausalAlignment", "Seq2SeqAlignment", "cached_topk"]
 
@@ -26,6 +27,8 @@ class PreparedBatch(NamedTuple):
 
     ``labels`` and ``valid`` are aligned with the logits: (B, L) for a causal LM (the
     target of position t is the token at t + 1), (B, T) decoder positions for seq2seq.
+    ``groups``: the aligned token groups of a cross-tokenizer batch (those whose student
+    targets are all valid), else None.
     """
 
     student: Dict[str, Any]
@@ -35,6 +38,7 @@ class PreparedBatch(NamedTuple):
     topk: Optional[TopKTeacher]
     count: int
     source: str  # 'data', 'student' (on-policy) or 'teacher' (sequence-level KD)
+    groups: Optional[TokenGroups] = None
 
 
 class CausalAlignment:

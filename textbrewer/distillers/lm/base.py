@@ -10,6 +10,7 @@ from torch import nn
 from ...configurations import DistillationConfig, TrainingConfig
 from ...logs import logger
 from ...losses.token import TopKTeacher, fused_token_distillation_loss, token_distillation_loss
+from ...losses.token.cross import TokenGroups, cross_tokenizer_loss
 from ..basic import BasicDistiller
 from ..composer import check_same_device
 from .alignment import CausalAlignment, PreparedBatch, cached_topk
@@ -42,7 +43,8 @@ class LMDistillerBase(BasicDistiller):
                  model_T: Optional[nn.Module], model_S: nn.Module,
                  adaptor_T: Optional[Callable] = None, adaptor_S: Optional[Callable] = None,
                  lm_config: Optional[LMDistillationConfig] = None, *,
-                 lm_head_T: Optional[nn.Module] = None, lm_head_S: Optional[nn.Module] = None):
+                 lm_head_T: Optional[nn.Module] = None, lm_head_S: Optional[nn.Module] = None,
+                 vocabulary_map: Optional[torch.Tensor] = None):
         if lm_config is None:
             lm_config = LMDistillationConfig()
         if not isinstance(lm_config, LMDistillationConfig):
@@ -70,6 +72,17 @@ class LMDistillerBase(BasicDistiller):
             raise ValueError(f"lmbda={lm_config.lmbda} (on-policy) needs a live teacher to "
                              f"score the student's samples, but model_T is None (a teacher "
                              f"cache only covers the dataset's tokens)")
+        if lm_config.token_alignment is not None:
+            if not self.alignment_class.shifts_labels:
+                raise ValueError(f"token_alignment={lm_config.token_alignment!r} is for "
+                                 f"causal LMs; {type(self).__name__} is not one")
+            if model_T is None:
+                raise ValueError(f"token_alignment={lm_config.token_alignment!r} needs a "
+                                 f"live teacher (model_T is None; a teacher cache is kept "
+                                 f"in the teacher's own token positions)")
+        if vocabulary_map is not None and lm_config.token_alignment != "span":
+            raise ValueError(f"vocabulary_map is used by token_alignment='span' only, got "
+                             f"token_alignment={lm_config.token_alignment!r}")
         super().__init__(train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S)
         self.lm_config = lm_config
         self.alignment = self.alignment_class(lm_config.ignore_index, lm_config.cache_key)
@@ -78,6 +91,7 @@ class LMDistillerBase(BasicDistiller):
         self.head_T = None if model_T is None else output_head(model_T, lm_head_T)
         self.vocab_size_S = vocab_size(model_S, self.head_S)
         self.vocab_size_T = None if model_T is None else vocab_size(model_T, self.head_T)
+        self.vocabulary_map = self._checked_map(vocabulary_map)
         self._check_vocabularies()
         self.path = self._resolve_path()
         self._fused_checked = False
@@ -102,9 +116,38 @@ class LMDistillerBase(BasicDistiller):
         return self.alignment.shifts_labels
 
     # setup -----------------------------------------------------------------------------------
+    def _checked_map(self, vocabulary_map: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The span mode's map (V_T,), checked against both vocabularies."""
+        if self.lm_config.token_alignment != "span":
+            return None
+        v_S, v_T = self.vocab_size_S, self.vocab_size_T
+        if vocabulary_map is None:
+            if v_S is not None and v_S == v_T:
+                return None  # one vocabulary: the identity
+            raise ValueError(f"token_alignment='span' with the teacher's vocabulary of {v_T} "
+                             f"and the student's of {v_S} needs vocabulary_map= (V_T,), the "
+                             f"student id of each teacher id: build it with "
+                             f"textbrewer.distillers.lm.vocabulary_map(tokenizer_T, "
+                             f"tokenizer_S)")
+        if not isinstance(vocabulary_map, torch.Tensor) or vocabulary_map.dim() != 1 \
+                or vocabulary_map.dtype != torch.int64:
+            raise ValueError(f"vocabulary_map must be a 1-D int64 tensor, got "
+                             f"{type(vocabulary_map).__name__}"
+                             + (f" {vocabulary_map.dtype} {tuple(vocabulary_map.shape)}"
+                                if isinstance(vocabulary_map, torch.Tensor) else ""))
+        if v_T is not None and vocabulary_map.shape[0] != v_T:
+            raise ValueError(f"vocabulary_map has {vocabulary_map.shape[0]} entries; the "
+                             f"teacher's vocabulary has {v_T} (pass vocab_size_T= to "
+                             f"vocabulary_map when the model's is larger than its tokenizer)")
+        if v_S is not None and vocabulary_map.numel() and int(vocabulary_map.max()) >= v_S:
+            raise ValueError(f"vocabulary_map names student id {int(vocabulary_map.max())}, "
+                             f"outside the student's vocabulary of {v_S}")
+        return vocabulary_map
+
     def _check_vocabularies(self) -> None:
         v_S, v_T = self.vocab_size_S, self.vocab_size_T
-        if v_S is None or v_T is None or v_S == v_T or self.lm_config.vocab_alignment:
+        if v_S is None or v_T is None or v_S == v_T or self.lm_config.vocab_alignment \
+                or self.lm_config.token_alignment:
             return
         raise ValueError(f"the student's vocabulary has {v_S} entries and the teacher's "
                          f"{v_T} (from the output embeddings, else config.vocab_size); a "
@@ -115,6 +158,8 @@ class LMDistillerBase(BasicDistiller):
 
     def _resolve_path(self) -> str:
         requested = self.lm_config.path
+        if self.lm_config.token_alignment is not None:
+            return "dense"  # the config allows only 'auto' and 'dense' here
         heads = self.head_S is not None and (self.model_T is None or self.head_T is not None)
         adaptors = self.adaptor_S is not None or self.adaptor_T is not None
         compiled = self.t_config.compile is not False
@@ -188,6 +233,9 @@ class LMDistillerBase(BasicDistiller):
                                  f"(B, L); the {role}'s batch is a {type(part).__name__}"
                                  + (f" with keys {sorted(part)}" if isinstance(part, Mapping)
                                     else ""))
+        groups = None
+        if config.token_alignment is not None:
+            groups = self._token_groups(batch, separate)
         source = "data"
         if config.generates:
             on_policy, seed = self.sampler.draw()
@@ -221,7 +269,15 @@ class LMDistillerBase(BasicDistiller):
                              f"CachedTeacherCollator carry them)")
         student_inputs = alignment.model_inputs(self.model_S, student_batch, labels)
         teacher_inputs = None
-        if self.model_T is not None and topk is None:
+        if groups is not None:
+            if topk is not None:
+                raise ValueError(f"token_alignment={config.token_alignment!r} cannot use "
+                                 f"cached teacher rows (they are in the teacher's positions "
+                                 f"only through the student's tokens)")
+            groups = self._valid_groups(groups, valid, teacher_batch)
+            teacher_inputs = alignment.model_inputs(self.model_T, teacher_batch,
+                                                    teacher_batch.get("labels", labels))
+        elif self.model_T is not None and topk is None:
             if separate:
                 teacher_labels = teacher_batch.get("labels", labels)
                 teacher_inputs = alignment.model_inputs(self.model_T, teacher_batch,
@@ -231,7 +287,40 @@ class LMDistillerBase(BasicDistiller):
             else:
                 teacher_inputs = alignment.model_inputs(self.model_T, teacher_batch, labels)
         count = int(valid.sum())  # the dataloader's host tensors: no device sync
-        return PreparedBatch(student_inputs, teacher_inputs, aligned, valid, topk, count, source)
+        return PreparedBatch(student_inputs, teacher_inputs, aligned, valid, topk, count, source,
+                             groups)
+
+    def _token_groups(self, batch: Any, separate: bool) -> TokenGroups:
+        """The batch's aligned token groups (from CrossTokenizerCollator)."""
+        groups = batch.get("token_groups") if isinstance(batch, Mapping) else None
+        if not separate or groups is None:
+            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(f"token_alignment={self.lm_config.token_alignment!r} needs "
+                             f"batches {{'teacher': ..., 'student': ..., 'token_groups': "
+                             f"TokenGroups}} as CrossTokenizerCollator builds them; got "
+                             f"{keys}")
+        if isinstance(groups, Mapping):
+            groups = TokenGroups(groups["batch"], groups["teacher"], groups["student"])
+        if not isinstance(groups, TokenGroups):
+            groups = TokenGroups(*groups)
+        return groups
+
+    def _valid_groups(self, groups: TokenGroups, valid: torch.Tensor,
+                      teacher_batch: Mapping) -> TokenGroups:
+        """The groups whose student tokens are all valid targets and whose teacher tokens
+        are all attended (host tensors: no device sync)."""
+        if groups.batch.numel() == 0:
+            return groups
+        rows = groups.batch.unsqueeze(1)
+        present_S, present_T = groups.student >= 0, groups.teacher >= 0
+        # the logits at t - 1 predict the token at t
+        targets_ok = valid[rows, (groups.student - 1).clamp(min=0)] | ~present_S
+        keep = targets_ok.all(1)
+        mask_T = teacher_batch.get("attention_mask")
+        if mask_T is not None:
+            attended = (mask_T[rows, groups.teacher.clamp(min=0)] != 0) | ~present_T
+            keep = keep & attended.all(1)
+        return TokenGroups(groups.batch[keep], groups.teacher[keep], groups.student[keep])
 
     def generated_batch(self, model: nn.Module, batch: Mapping, seed: int) -> Dict[str, Any]:
         """A batch whose targets are ``model``'s generation (see the subclasses)."""
@@ -303,6 +392,9 @@ class LMDistillerBase(BasicDistiller):
         if run_teacher and prepared.teacher is None:
             raise ValueError("no teacher for this batch: model_T is None and the batch has "
                              "no cached teacher rows")
+        if prepared.groups is not None and run_teacher:
+            return self._cross_tokenizer_loss(prepared, student_inputs, labels, valid, args,
+                                              kd_weight, ce_weight)
         if self.path == "fused":
             hidden_S = self._run_hidden(self.model_S, self._student_forward, self.head_S,
                                         student_inputs, args, "student")
@@ -345,6 +437,31 @@ class LMDistillerBase(BasicDistiller):
         if "ce" in parts:
             named["unweighted_hard_label_loss"] = parts["ce"]
         return loss, named
+
+    def _cross_tokenizer_loss(self, prepared: PreparedBatch, student_inputs: Dict[str, Any],
+                              labels: torch.Tensor, valid: torch.Tensor, args: Dict[str, Any],
+                              kd_weight: float, ce_weight: float):
+        """The loss of a batch whose two models have different tokenizers."""
+        config, runtime = self.lm_config, self.runtime
+        logits_S = self._run_logits(self._student_forward, self.adaptor_S, student_inputs,
+                                    args, "student")
+        teacher_inputs = runtime.to_device(prepared.teacher)
+        with torch.no_grad():
+            logits_T = self._run_logits(self._teacher_forwards, self.adaptor_T,
+                                        teacher_inputs, args, "teacher")
+        check_same_device("'logits'", logits_S, logits_T)
+        parts = cross_tokenizer_loss(
+            logits_S, logits_T, student_inputs["input_ids"], teacher_inputs["input_ids"],
+            prepared.groups, mode=config.token_alignment, vocabulary_map=self.vocabulary_map,
+            divergence=config.divergence, temperature=float(self.d_config.temperature),
+            beta=config.beta, alpha=config.alpha,
+            scale_by_temperature_squared=config.scale_by_temperature_squared,
+            labels_S=labels, valid_S=valid, ce_weight=ce_weight, kd_weight=kd_weight,
+            num_tokens=self.window_tokens, return_dict=True)
+        named = {"unweighted_kd_loss": parts["kd"]}
+        if "ce" in parts:
+            named["unweighted_hard_label_loss"] = parts["ce"]
+        return parts["loss"], named
 
     def _live_topk(self, logits_T: torch.Tensor) -> TopKTeacher:
         """The live teacher's top-k at τ = 1 (ids and log-probs over the full vocabulary),

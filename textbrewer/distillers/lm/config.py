@@ -7,8 +7,10 @@ from typing import Optional
 
 from ...configurations import Config
 from ...losses.token import DIVERGENCES
+from ...losses.token.cross import CROSS_TOKENIZER_MODES, SPAN_DIVERGENCES
 
-__all__ = ["LMDistillationConfig", "LM_PATHS", "TOPK_TAILS", "VOCAB_ALIGNMENTS"]
+__all__ = ["LMDistillationConfig", "LM_PATHS", "TOPK_TAILS", "VOCAB_ALIGNMENTS",
+           "TOKEN_ALIGNMENTS"]
 
 #: the loss paths of :class:`~textbrewer.distillers.lm.config.LMDistillationConfig` (``path=``)
 LM_PATHS = ("auto", "dense", "chunked", "fused")
@@ -16,6 +18,8 @@ LM_PATHS = ("auto", "dense", "chunked", "fused")
 TOPK_TAILS = ("renormalize", "uniform")
 #: what to do with vocabularies of different sizes (``vocab_alignment=``)
 VOCAB_ALIGNMENTS = (None, "pad", "truncate")
+#: how two tokenizers' tokens are compared (``token_alignment=``)
+TOKEN_ALIGNMENTS = (None,) + CROSS_TOKENIZER_MODES
 
 
 @dataclass
@@ -47,6 +51,15 @@ class LMDistillationConfig(Config):
             ``'pad'`` (the smaller vocabulary's missing columns get −inf logits) or
             ``'truncate'`` (both cut to the shared first ids).
         ignore_index: the label value of positions without a target.
+        token_alignment: None (one tokenizer: position t of both models is compared), or
+            for a teacher and a student with different tokenizers, batches from
+            :class:`~textbrewer.distillers.lm.cross_tokenizer.CrossTokenizerCollator` and
+            their aligned token groups compared by ``'span'`` (the teacher's merged
+            distribution carried onto the student's vocabulary through the distiller's
+            ``vocabulary_map``, then ``divergence``: one of ``'forward_kl'``,
+            ``'skew_kl'``, ``'tv'``, ``'jsd'`` with β < 1) or ``'uld'`` (sorted-probability
+            L1, Boizard et al. 2024); see :mod:`textbrewer.losses.token.cross`. The
+            dense path only; no teacher cache, on-policy or sequence-level KD.
         topk: entries of the live teacher's top-k for ``divergence='topk_kl'``.
         topk_tail: ``'renormalize'`` or ``'uniform'`` (see :class:`~textbrewer.losses.token.TopKTeacher`).
         cache_key: the batch key where :class:`~textbrewer.cache.CachedTeacherCollator`
@@ -82,6 +95,7 @@ class LMDistillationConfig(Config):
     chunk_size: int = 1024
     vocab_alignment: Optional[str] = None
     ignore_index: int = -100
+    token_alignment: Optional[str] = None
     topk: Optional[int] = None
     topk_tail: str = "renormalize"
     cache_key: str = "teacher_topk"
@@ -139,6 +153,36 @@ class LMDistillationConfig(Config):
                              f"{self.eos_token_id!r}")
         if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
             raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")
+        if self.token_alignment not in TOKEN_ALIGNMENTS:
+            raise ValueError(f"token_alignment must be one of {list(TOKEN_ALIGNMENTS)}, got "
+                             f"{self.token_alignment!r}")
+        if self.token_alignment is not None:
+            self._check_cross_tokenizer()
+
+    def _check_cross_tokenizer(self) -> None:
+        mode = self.token_alignment
+        if mode == "span" and (self.divergence not in SPAN_DIVERGENCES
+                               or (self.divergence == "jsd" and self.beta >= 1.0)):
+            raise ValueError(f"token_alignment='span' supports the divergences "
+                             f"{list(SPAN_DIVERGENCES)} (jsd with beta < 1), got "
+                             f"divergence={self.divergence!r}: the teacher carried onto the "
+                             f"student's vocabulary leaves student tokens without mass, "
+                             f"where a student-weighted divergence is infinite")
+        if mode == "uld" and self.divergence != "forward_kl":
+            raise ValueError(f"token_alignment='uld' is its own distance (sorted-probability "
+                             f"L1); leave divergence at 'forward_kl', got "
+                             f"{self.divergence!r}")
+        if self.path not in ("auto", "dense"):
+            raise ValueError(f"token_alignment={mode!r} runs on the dense path; path must "
+                             f"be 'auto' or 'dense', got {self.path!r}")
+        if self.generates:
+            raise ValueError(f"token_alignment={mode!r} with on-policy (lmbda > 0) or "
+                             f"sequence-level KD is not supported: generated tokens would "
+                             f"have to be re-tokenised for the other model")
+        if self.vocab_alignment is not None:
+            raise ValueError(f"token_alignment={mode!r} and vocab_alignment="
+                             f"{self.vocab_alignment!r} exclude each other (the vocabulary "
+                             f"map of the span mode replaces id-by-id alignment)")
 
     @property
     def generates(self) -> bool:
