@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import math
 import os
 import sys
@@ -97,11 +98,9 @@ def load_data(characters: int) -> Dict[str, List[str]]:
     return splits
 
 
-def student_batches(collate: CrossTokenizerCollator):
-    """The student's half of the cross-tokenizer batches (for the runs without a teacher)."""
-    def only_student(examples):
-        return collate(examples)["student"]
-    return only_student
+def side_batches(collate: CrossTokenizerCollator, role: str):
+    """One model's half of the cross-tokenizer batches (for the runs without the other)."""
+    return functools.partial(collate.one_side, role=role)
 
 
 def gpt2(config: Dict[str, Any], vocab_size: int, positions: int, seed: int):
@@ -120,7 +119,7 @@ def perplexity_per_byte(model, texts: List[str], collate, side: str, device,
     with common.evaluating(model):
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
-            batch = collate(chunk)[side]
+            batch = collate.one_side(chunk, side)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -224,7 +223,7 @@ def main(argv=None) -> Dict[str, Any]:
     positions = args.max_tokens
     teacher = gpt2(TEACHER_CONFIG, tokenizer_T.get_vocab_size(), positions, 1000).to(device)
     teacher_loader = common.shuffled(data["train"], args.batch_size, 1000,
-                                     lambda texts: collate(texts)["teacher"], drop_last=True)
+                                     side_batches(collate, "teacher"), drop_last=True)
     clock = time.perf_counter()
     train(teacher, None, teacher_loader, args, device, args.teacher_steps, args.teacher_lr,
           1000, os.path.join(args.output_dir, "teacher"))
@@ -244,7 +243,7 @@ def main(argv=None) -> Dict[str, Any]:
             run_dir = os.path.join(args.output_dir, method, f"seed{seed}")
             alone = method == "student_alone"
             loader = common.shuffled(data["train"], args.batch_size, seed,
-                                     student_batches(collate) if alone else collate,
+                                     side_batches(collate, "student") if alone else collate,
                                      drop_last=True)
             train(student, None if alone else teacher, loader, args, device, args.steps,
                   args.lr, seed, run_dir, mode=None if alone else method.split("_")[1],

@@ -304,6 +304,19 @@ def test_loss_errors():
                                                          torch.tensor([[1]])))
 
 
+def test_one_side_is_that_half_of_the_batch(tokenizers):
+    collate = CrossTokenizerCollator(tokenizers["byte_bpe"], tokenizers["wordpiece"],
+                                     max_length=20)
+    batch = collate(HARD_TEXTS)
+    for role in ("teacher", "student"):
+        alone = collate.one_side(HARD_TEXTS, role)
+        assert alone.keys() == batch[role].keys()
+        for key, value in alone.items():
+            assert torch.equal(value, batch[role][key]), (role, key)
+    with pytest.raises(ValueError, match="role must be 'teacher' or 'student'"):
+        collate.one_side(HARD_TEXTS, "assistant")
+
+
 def test_collator_refuses_different_texts_and_slow_tokenizers(tokenizers):
     collate = CrossTokenizerCollator(tokenizers["byte_bpe"], tokenizers["wordpiece"])
     with pytest.raises(ValueError, match="differ from character 4: 'teacher' vs 'student'"):

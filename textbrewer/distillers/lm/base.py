@@ -269,21 +269,20 @@ class LMDistillerBase(BasicDistiller):
                              f"CachedTeacherCollator carry them)")
         student_inputs = alignment.model_inputs(self.model_S, student_batch, labels)
         teacher_inputs = None
-        if groups is not None:
-            if topk is not None:
-                raise ValueError(f"token_alignment={config.token_alignment!r} cannot use "
-                                 f"cached teacher rows (they are in the teacher's positions "
-                                 f"only through the student's tokens)")
-            groups = self._valid_groups(groups, valid, teacher_batch)
-            teacher_inputs = alignment.model_inputs(self.model_T, teacher_batch,
-                                                    teacher_batch.get("labels", labels))
-        elif self.model_T is not None and topk is None:
+        if groups is not None and topk is not None:
+            raise ValueError(f"token_alignment={config.token_alignment!r} cannot use "
+                             f"cached teacher rows (they are in the teacher's positions "
+                             f"only through the student's tokens)")
+        if self.model_T is not None and topk is None:
             if separate:
                 teacher_labels = teacher_batch.get("labels", labels)
                 teacher_inputs = alignment.model_inputs(self.model_T, teacher_batch,
                                                         teacher_labels)
-                alignment.check_same_positions(student_inputs, teacher_inputs,
-                                               type(self).__name__)
+                if groups is None:
+                    alignment.check_same_positions(student_inputs, teacher_inputs,
+                                                   type(self).__name__)
+                else:  # the positions differ by design; the groups say which correspond
+                    groups = self._valid_groups(groups, valid, teacher_batch)
             else:
                 teacher_inputs = alignment.model_inputs(self.model_T, teacher_batch, labels)
         count = int(valid.sum())  # the dataloader's host tensors: no device sync
@@ -392,9 +391,6 @@ class LMDistillerBase(BasicDistiller):
         if run_teacher and prepared.teacher is None:
             raise ValueError("no teacher for this batch: model_T is None and the batch has "
                              "no cached teacher rows")
-        if prepared.groups is not None and run_teacher:
-            return self._cross_tokenizer_loss(prepared, student_inputs, labels, valid, args,
-                                              kd_weight, ce_weight)
         if self.path == "fused":
             hidden_S = self._run_hidden(self.model_S, self._student_forward, self.head_S,
                                         student_inputs, args, "student")
@@ -429,39 +425,36 @@ class LMDistillerBase(BasicDistiller):
             else:
                 logits_T = topk
             check_same_device("'logits'", logits_S, logits_T)
-            parts = token_distillation_loss(
-                logits_S, logits_T, labels, valid,
-                chunk_size=config.chunk_size if self.path == "chunked" else None, **options)
+            if prepared.groups is not None and run_teacher:
+                parts = self._cross_tokenizer_loss(
+                    prepared.groups, logits_S, logits_T, student_inputs["input_ids"],
+                    teacher_inputs["input_ids"], labels, valid, options)
+            else:
+                parts = token_distillation_loss(
+                    logits_S, logits_T, labels, valid,
+                    chunk_size=config.chunk_size if self.path == "chunked" else None,
+                    **options)
         loss = parts["loss"]
         named = {"unweighted_kd_loss": parts["kd"]}
         if "ce" in parts:
             named["unweighted_hard_label_loss"] = parts["ce"]
         return loss, named
 
-    def _cross_tokenizer_loss(self, prepared: PreparedBatch, student_inputs: Dict[str, Any],
-                              labels: torch.Tensor, valid: torch.Tensor, args: Dict[str, Any],
-                              kd_weight: float, ce_weight: float):
-        """The loss of a batch whose two models have different tokenizers."""
-        config, runtime = self.lm_config, self.runtime
-        logits_S = self._run_logits(self._student_forward, self.adaptor_S, student_inputs,
-                                    args, "student")
-        teacher_inputs = runtime.to_device(prepared.teacher)
-        with torch.no_grad():
-            logits_T = self._run_logits(self._teacher_forwards, self.adaptor_T,
-                                        teacher_inputs, args, "teacher")
-        check_same_device("'logits'", logits_S, logits_T)
-        parts = cross_tokenizer_loss(
-            logits_S, logits_T, student_inputs["input_ids"], teacher_inputs["input_ids"],
-            prepared.groups, mode=config.token_alignment, vocabulary_map=self.vocabulary_map,
-            divergence=config.divergence, temperature=float(self.d_config.temperature),
-            beta=config.beta, alpha=config.alpha,
-            scale_by_temperature_squared=config.scale_by_temperature_squared,
-            labels_S=labels, valid_S=valid, ce_weight=ce_weight, kd_weight=kd_weight,
-            num_tokens=self.window_tokens, return_dict=True)
-        named = {"unweighted_kd_loss": parts["kd"]}
-        if "ce" in parts:
-            named["unweighted_hard_label_loss"] = parts["ce"]
-        return parts["loss"], named
+    def _cross_tokenizer_loss(self, groups: TokenGroups, logits_S: torch.Tensor,
+                              logits_T: torch.Tensor, ids_S: torch.Tensor, ids_T: torch.Tensor,
+                              labels: torch.Tensor, valid: torch.Tensor,
+                              options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """The parts of a batch whose two models have different tokenizers (the token
+        loss's ``options``, on the aligned groups)."""
+        return cross_tokenizer_loss(
+            logits_S, logits_T, ids_S, ids_T, groups,
+            mode=self.lm_config.token_alignment, vocabulary_map=self.vocabulary_map,
+            divergence=options["divergence"], temperature=options["temperature"],
+            beta=options["beta"], alpha=options["alpha"],
+            scale_by_temperature_squared=options["scale_by_temperature_squared"],
+            labels_S=labels, valid_S=valid, ce_weight=options["ce_weight"],
+            kd_weight=options["kd_weight"], num_tokens=options["num_tokens"],
+            return_dict=True)
 
     def _live_topk(self, logits_T: torch.Tensor) -> TopKTeacher:
         """The live teacher's top-k at τ = 1 (ids and log-probs over the full vocabulary),

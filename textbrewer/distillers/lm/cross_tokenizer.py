@@ -128,7 +128,7 @@ def align_token_groups(text: str, teacher: Tokenised, student: Tokenised
         for pair in zip(teacher_positions, specials[1].get(place, [])):
             groups.append((place + 0.5, [pair[0]], [pair[1]]))
     groups.sort(key=lambda group: (group[0], group[1][0]))
-    return [(list(t), list(s)) for _, t, s in groups if t[0] >= 1 and s[0] >= 1]
+    return [(t, s) for _, t, s in groups if t[0] >= 1 and s[0] >= 1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,6 +162,12 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: Optional[int] = Non
                              [tuple(span) for span in encoding.offsets[:keep]],
                              [bool(flag) for flag in encoding.special_tokens_mask[:keep]]))
     return out
+
+
+def _special_strings(backend: Any) -> set:
+    """The strings of the tokenizer's special tokens."""
+    return {token.content for token in backend.get_added_tokens_decoder().values()
+            if token.special}
 
 
 def _bytes_of_byte_level() -> Dict[str, int]:
@@ -209,8 +215,7 @@ def token_strings(tokenizer: Any) -> Dict[int, str]:
     """
     backend = _backend(tokenizer)
     kinds = _decoder_kinds(backend)
-    special = {token.content for token in backend.get_added_tokens_decoder().values()
-               if token.special}
+    special = _special_strings(backend)
     stand_ins = _bytes_of_byte_level() if kinds.get("byte_level") else None
     strings = {}
     for token, index in backend.get_vocab(with_added_tokens=True).items():
@@ -284,10 +289,8 @@ def vocabulary_map(tokenizer_T: Any, tokenizer_S: Any, *, vocab_size_T: Optional
         if size <= max(strings):
             raise ValueError(f"vocab_size_{side[0].upper()}={size} is smaller than the "
                              f"{side}'s tokenizer (ids up to {max(strings)})")
-    special_T = {token.content for token in _backend(tokenizer_T).get_added_tokens_decoder()
-                 .values() if token.special}
-    special_S = {token.content for token in _backend(tokenizer_S).get_added_tokens_decoder()
-                 .values() if token.special}
+    special_T, special_S = _special_strings(_backend(tokenizer_T)), \
+        _special_strings(_backend(tokenizer_S))
     by_string: Dict[str, int] = {}
     for index in sorted(strings_S):
         by_string.setdefault(strings_S[index], index)
@@ -379,23 +382,36 @@ class CrossTokenizerCollator:
         self.pad_id_T, self.pad_id_S = pad_id_T, pad_id_S
         self.ignore_index, self.add_special_tokens = ignore_index, add_special_tokens
 
+    def _side(self, texts: List[str], role: str) -> Tuple[List[Tokenised], Dict[str, Any]]:
+        """One side's tokenisations and its padded model inputs."""
+        tokenizer, pad_id = ((self.tokenizer_T, self.pad_id_T) if role == "teacher"
+                             else (self.tokenizer_S, self.pad_id_S))
+        tokenised = encode(tokenizer, texts, self.max_length, self.add_special_tokens)
+        ids = _padded([tokens.ids for tokens in tokenised], pad_id)
+        mask = _padded([[1] * len(tokens.ids) for tokens in tokenised], 0)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if role == "student":
+            inputs["labels"] = ids.masked_fill(mask == 0, self.ignore_index)
+        return tokenised, inputs
+
+    def one_side(self, examples: Sequence[Any], role: str) -> Dict[str, torch.Tensor]:
+        """The ``'teacher'`` or ``'student'`` part of the batch alone (no alignment): for
+        a model trained or scored on its own tokens, with the same tensors as in a
+        cross-tokenizer batch."""
+        if role not in ("teacher", "student"):
+            raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+        return self._side([_text_of(example, self.text_key) for example in examples], role)[1]
+
     def __call__(self, examples: Sequence[Any]) -> Dict[str, Any]:
         texts = [_text_of(example, self.text_key) for example in examples]
-        teacher = encode(self.tokenizer_T, texts, self.max_length, self.add_special_tokens)
-        student = encode(self.tokenizer_S, texts, self.max_length, self.add_special_tokens)
+        teacher, inputs_T = self._side(texts, "teacher")
+        student, inputs_S = self._side(texts, "student")
         batch_index, positions_T, positions_S = [], [], []
         for row, (text, tokens_T, tokens_S) in enumerate(zip(texts, teacher, student)):
             for group_T, group_S in align_token_groups(text, tokens_T, tokens_S):
                 batch_index.append(row)
                 positions_T.append(group_T)
                 positions_S.append(group_S)
-        ids_T = _padded([tokens.ids for tokens in teacher], self.pad_id_T)
-        ids_S = _padded([tokens.ids for tokens in student], self.pad_id_S)
-        mask_T = _padded([[1] * len(tokens.ids) for tokens in teacher], 0)
-        mask_S = _padded([[1] * len(tokens.ids) for tokens in student], 0)
         groups = TokenGroups(torch.tensor(batch_index, dtype=torch.int64),
                              _padded(positions_T, -1), _padded(positions_S, -1))
-        return {"teacher": {"input_ids": ids_T, "attention_mask": mask_T},
-                "student": {"input_ids": ids_S, "attention_mask": mask_S,
-                            "labels": ids_S.masked_fill(mask_S == 0, self.ignore_index)},
-                "token_groups": groups}
+        return {"teacher": inputs_T, "student": inputs_S, "token_groups": groups}

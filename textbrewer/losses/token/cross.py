@@ -207,7 +207,7 @@ def cross_tokenizer_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
                              f"student's {v_S}: mode='span' needs vocabulary_map (V_T,) "
                              f"(see textbrewer.distillers.lm.vocabulary_map)")
         if vocabulary_map is not None:
-            vocabulary_map = vocabulary_map.to(device)
+            # checked where it is kept (the distillers keep it on the host: no device sync)
             if tuple(vocabulary_map.shape) != (v_T,):
                 raise ValueError(f"vocabulary_map has shape {tuple(vocabulary_map.shape)}; "
                                  f"expected ({v_T},), one student id per teacher id")
@@ -215,6 +215,7 @@ def cross_tokenizer_loss(logits_S: torch.Tensor, logits_T: torch.Tensor,
                 raise ValueError(f"vocabulary_map names student id "
                                  f"{int(vocabulary_map.max())}, outside the student's "
                                  f"vocabulary of {v_S}")
+            vocabulary_map = vocabulary_map.to(device)
     count = groups.batch.shape[0]
     if count == 0:
         kd_sum = logits_S.sum() * 0.0
