@@ -42,6 +42,11 @@ inference speed-up (teacher time / student time over the scored split), and writ
 ``{output_dir}/results.json``. ``--split validation`` scores on the validation split:
 choose settings with it, and report the test split.
 
+The same job as config files for ``textbrewer distill`` (examples/configs/, docs/cli.md):
+``--write-corpus DIR`` writes the corpus as JSON lines, and ``lm_teacher.yaml`` then
+``lm_student.yaml`` train the teacher and the distilled student with the same settings
+(the tests check that both ways give the same perplexities).
+
 Run:
     python examples/lm_distillation.py                   # a few minutes on one CPU core
     python examples/lm_distillation.py --quick           # seconds (used by the tests)
@@ -166,6 +171,23 @@ def stdlib_docstrings() -> Dict[str, List[str]]:
             elif inspect.isroutine(value):
                 add(package, inspect.getdoc(value))
     return documents
+
+
+def write_corpus(folder: str) -> Dict[str, int]:
+    """Writes ``{train,validation,test}.jsonl`` (one ``{"text": docstring}`` per line, in the
+    order :func:`load_data` streams them) for ``textbrewer distill`` (examples/configs/);
+    returns the documents per split."""
+    import json
+    os.makedirs(folder, exist_ok=True)
+    lines: Dict[str, List[str]] = {"train": [], "validation": [], "test": []}
+    for package, texts in sorted(stdlib_docstrings().items()):
+        lines[data_lib.split_of(package)] += [json.dumps({"text": t}) + "\n" for t in texts]
+    for split, rows in lines.items():
+        path = os.path.join(folder, f"{split}.jsonl")
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:  # renamed when complete
+            handle.writelines(rows)
+        os.replace(path + ".tmp", path)
+    return {split: len(rows) for split, rows in lines.items()}
 
 
 def load_data(sequence_length: int) -> Dict[str, Any]:
@@ -321,6 +343,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_threads("torch CPU threads (default 1: on a busy machine extra threads wait on "
                        "each other; on an idle one, 2 is faster)")
     parser.add_device()
+    parser.add_argument("--write-corpus", metavar="DIR",
+                        help="only write the corpus as DIR/{train,validation,test}.jsonl for "
+                             "the config-file version of this example (examples/configs/), "
+                             "then exit")
     parser.require_positive("cache_k", "batch_size")
     args = parser.parse_args(argv)
     if args.sequence_length < 2:
@@ -330,6 +356,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.write_corpus:
+        counts = write_corpus(args.write_corpus)
+        print(f"wrote {counts} documents to {args.write_corpus}/{{train,validation,test}}.jsonl")
+        return {"corpus": counts}
     cpu_started = time.process_time()
     started = common.start(args.threads, quiet=True)  # keep the console to the table
     device = torch.device(args.device)
