@@ -183,7 +183,14 @@ def parse_args(argv=None):
     parser.add_argument("--max-tokens", type=int, default=128,
                         help="tokens kept per piece on each side")
     parser.add_training_options(lr=3e-3, batch_size=16, lr_help="students' learning rate")
+    parser.add_argument("--alone-lr", type=float, default=None,
+                        help="learning rate of the student-alone runs (default: --lr), so "
+                             "each side can use the setting its own search chose")
     parser.add_argument("--teacher-lr", type=float, default=2e-3)
+    parser.add_argument("--teacher-weights", default=None,
+                        help="load the teacher from this gs{N}.pkl (a previous run's "
+                             "OUTPUT/teacher/gs{teacher_steps}.pkl with the same tokenizer "
+                             "and data settings) instead of training it")
     parser.add_threads("torch CPU threads (default 1)")
     parser.add_device()
     parser.require_positive("batch_size", "teacher_vocab", "student_vocab", "piece_characters")
@@ -225,8 +232,12 @@ def main(argv=None) -> Dict[str, Any]:
     teacher_loader = common.shuffled(data["train"], args.batch_size, 1000,
                                      side_batches(collate, "teacher"), drop_last=True)
     clock = time.perf_counter()
-    train(teacher, None, teacher_loader, args, device, args.teacher_steps, args.teacher_lr,
-          1000, os.path.join(args.output_dir, "teacher"))
+    if args.teacher_weights:
+        teacher.load_state_dict(torch.load(args.teacher_weights, map_location=device,
+                                           weights_only=True))
+    else:
+        train(teacher, None, teacher_loader, args, device, args.teacher_steps,
+              args.teacher_lr, 1000, os.path.join(args.output_dir, "teacher"))
     teacher.eval()
     scores: Dict[str, List[float]] = collections.defaultdict(list)
     scores["teacher"].append(perplexity_per_byte(teacher, scored, collate, "teacher", device))
@@ -245,8 +256,9 @@ def main(argv=None) -> Dict[str, Any]:
             loader = common.shuffled(data["train"], args.batch_size, seed,
                                      side_batches(collate, "student") if alone else collate,
                                      drop_last=True)
+            lr = args.alone_lr if alone and args.alone_lr is not None else args.lr
             train(student, None if alone else teacher, loader, args, device, args.steps,
-                  args.lr, seed, run_dir, mode=None if alone else method.split("_")[1],
+                  lr, seed, run_dir, mode=None if alone else method.split("_")[1],
                   mapping=mapping)
             scores[method].append(perplexity_per_byte(student, scored, collate, "student",
                                                       device))
@@ -276,7 +288,8 @@ def main(argv=None) -> Dict[str, Any]:
                        "scored_pieces": len(scored), "python": sys.version.split()[0]}
     results["run"] = common.run_record(args, started, [
         "steps", "teacher_steps", "seeds", "modes", "temperature", "hard_label_weight", "lr",
-        "teacher_lr", "batch_size", "max_tokens", "threads", "quick"],
+        "alone_lr", "teacher_lr", "teacher_weights", "batch_size", "max_tokens", "threads",
+        "quick"],
         settings={"device": str(device), "torch": torch.__version__})
     results["run"]["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
 

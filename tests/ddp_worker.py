@@ -6,7 +6,8 @@ MODE ``general`` (default): GeneralDistiller with intermediate matches (test_dis
 MODE ``lm``: CausalLMDistiller on tiny GPT-2 models, uneven lengths, the loss normalised
 over the accumulation window and the ranks (test_lm_distributed.py).
 MODE ``lm-fsdp2``: the same with teacher and student sharded by FSDP2 (``fully_shard``);
-writes the gathered full student weights to ``OUTPUT_DIR/fsdp2_full.pt``.
+writes the gathered full student weights to ``OUTPUT_DIR/fsdp2_full.pt``, and the student's
+``save_pretrained`` folders at each checkpoint to ``OUTPUT_DIR/hf/gs{N}``.
 MODE ``lm-fsdp2-cut``: that run, stopped at the first micro-batch after checkpoint 1 (its
 training state written); ``lm-fsdp2-resume``: resumed from it (``resume_from='latest'``)
 to the end, writing ``fsdp2_full.pt`` (test_lm_distributed.py compares it with ``lm-fsdp2``'s).
@@ -204,6 +205,9 @@ def main(output_dir, mode="general"):
                 raise Interrupted
 
         student.register_forward_pre_hook(stop_after_checkpoint, with_kwargs=True)
+    if fsdp2:  # and the student's save_pretrained folders, gathered from the shards
+        from textbrewer.integrations.huggingface import SavePretrained
+        callback = SavePretrained(os.path.join(output_dir, "hf"), callback=callback)
     try:
         with distiller:
             distiller.train(optimizer, loader, num_epochs=2, max_grad_norm=1.0,

@@ -418,3 +418,20 @@ def test_distiller_configuration_errors(tokenizers):
     batch = CrossTokenizerCollator(bpe, wordpiece)(ASCII_TEXTS)
     with pytest.raises(ValueError, match="needs batches"):
         distiller.train_on_batch(batch["student"], {})
+
+
+def test_the_host_sort_equals_torch_sort_in_values_and_gradients():
+    from textbrewer.losses.token.cross import _sorted_descending
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(7, 50, generator=generator, dtype=torch.float64)
+    values[0, :10] = 0.5  # ties: the same sorted values whichever tied entry goes first
+    weights = torch.rand(7, 50, generator=generator, dtype=torch.float64)
+    ours = values.clone().requires_grad_(True)
+    reference = values.clone().requires_grad_(True)
+    sorted_ours = _sorted_descending(ours)
+    sorted_reference = reference.sort(dim=1, descending=True).values
+    assert torch.equal(sorted_ours, sorted_reference)
+    assert torch.equal(_sorted_descending(values), sorted_reference.detach())
+    (sorted_ours[1:] * weights[1:]).sum().backward()  # rows without ties: one gradient
+    (sorted_reference[1:] * weights[1:]).sum().backward()
+    assert torch.equal(ours.grad, reference.grad)

@@ -82,3 +82,24 @@ def test_a_distilled_student_reloads_with_its_score(quick_run):
                                         torch.device("cpu"))
     assert value == pytest.approx(results["models"]["distilled_span"]["per_seed"][0],
                                   rel=1e-5)
+
+
+def test_a_loaded_teacher_gives_the_same_table(quick_run, tmp_path):
+    """--teacher-weights loads the first run's teacher instead of training it: the same
+    teacher, so the same scores for every model; --alone-lr moves only the baseline."""
+    output_dir, results, _ = quick_run
+    steps = results["run"]["teacher_steps"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "lm_cross_tokenizer.py"), "--quick",
+         "--output-dir", str(tmp_path), "--alone-lr", "1e-3",
+         "--teacher-weights", str(output_dir / "teacher" / f"gs{steps}.pkl")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    with open(tmp_path / "results.json", encoding="utf-8") as handle:
+        again = json.load(handle)["models"]
+    for name in ("teacher", "distilled_span", "distilled_uld"):
+        assert again[name]["per_seed"] == results["models"][name]["per_seed"], name
+    assert again["student_alone"]["per_seed"] != results["models"]["student_alone"]["per_seed"]
+    assert not os.path.exists(tmp_path / "teacher")  # nothing trained for the teacher

@@ -126,6 +126,22 @@ def test_fsdp2_sharded_teacher_and_student_equal_one_process(tmp_path, fsdp2_run
 
 
 @needs_fsdp2
+def test_fsdp2_save_pretrained_folders_hold_the_gathered_student(fsdp2_run):
+    """SavePretrained under FSDP2: every process gathers the shards, rank 0 writes; each
+    hf/gs{N} folder reloads with transformers alone to the weights of gs{N}.pkl."""
+    transformers = pytest.importorskip("transformers")
+    steps = sorted(p.name[2:-4] for p in fsdp2_run.glob("gs*.pkl"))
+    assert sorted(p.name for p in (fsdp2_run / "hf").iterdir()) == sorted(
+        f"gs{step}" for step in steps)
+    for step in steps:
+        model = transformers.AutoModelForCausalLM.from_pretrained(fsdp2_run / "hf" / f"gs{step}")
+        weights = torch.load(fsdp2_run / f"gs{step}.pkl", weights_only=True)
+        for key, value in model.state_dict().items():
+            assert type(value) is torch.Tensor
+            assert torch.equal(value, weights[key]), f"gs{step}: {key}"
+
+
+@needs_fsdp2
 def test_fsdp2_resume_equals_the_uninterrupted_run(tmp_path, fsdp2_run):
     """Stopped after checkpoint 1 (mid-epoch) and resumed with resume_from='latest' by two
     new processes: the gathered student and every later checkpoint equal the uninterrupted

@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -164,7 +164,8 @@ def _swap_in(temporary: str, path: str) -> None:
 
 
 def save_pretrained_atomic(model: nn.Module, path: Union[str, os.PathLike],
-                           tokenizer: Any = None, **save_kwargs: Any) -> str:
+                           tokenizer: Any = None, state_dict: Optional[Dict[str, Any]] = None,
+                           **save_kwargs: Any) -> str:
     """``model.save_pretrained(path)`` (and ``tokenizer.save_pretrained(path)``), written
     into a temporary folder beside ``path`` and renamed into place.
 
@@ -178,6 +179,9 @@ def save_pretrained_atomic(model: nn.Module, path: Union[str, os.PathLike],
         model: a ``transformers.PreTrainedModel`` or a ``peft.PeftModel``, possibly wrapped.
         path: the folder to write; its parent is created.
         tokenizer: anything with ``save_pretrained(folder)`` (a tokenizer, a processor).
+        state_dict: the weights to write instead of ``model.state_dict()`` (for an
+            FSDP2-sharded model, the gathered full state dict: :class:`SavePretrained`
+            gathers it on every process and passes it here on the main one).
         save_kwargs: passed to ``model.save_pretrained``.
 
     Returns:
@@ -196,6 +200,8 @@ def save_pretrained_atomic(model: nn.Module, path: Union[str, os.PathLike],
     temporary = os.path.join(parent, f"{_TEMPORARY_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
     os.mkdir(temporary)  # the process umask's permissions, like any folder save_pretrained makes
     try:
+        if state_dict is not None:
+            save_kwargs = dict(save_kwargs, state_dict=state_dict)
         model.save_pretrained(temporary, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
@@ -265,11 +271,17 @@ class SavePretrained:
 
     def save(self, model: nn.Module, name: Union[int, str]) -> Optional[str]:
         """Writes ``model`` (and the tokenizer) to :meth:`path` ``(name)``; the path, or None
-        on a process that does not write."""
+        on a process that does not write.
+
+        An FSDP2-sharded model's full weights are gathered first, a collective: every
+        process must call this (the loop calls the callback on every process)."""
+        from ..training.runtime import full_state_dict, is_fsdp_sharded
+        model = unwrap_model(model)
+        gathered = full_state_dict(model) if is_fsdp_sharded(model) else None
         if not self._main():
             return None
         path = save_pretrained_atomic(model, self.path(name), self.tokenizer,
-                                      **self.save_kwargs)
+                                      state_dict=gathered, **self.save_kwargs)
         self.saved.append(path)
         return path
 

@@ -28,8 +28,9 @@ import torch
 
 from ...losses.token.cross import TokenGroups
 
-__all__ = ["Tokenised", "encode", "align_token_groups", "token_strings", "vocabulary_map",
-           "CrossTokenizerCollator", "WORD_START"]
+__all__ = ["Tokenised", "encode", "align_token_groups", "align_segment_groups",
+           "render_chat", "token_strings", "vocabulary_map", "CrossTokenizerCollator",
+           "WORD_START"]
 
 #: the mark of a word-initial token in :func:`token_strings` (SentencePiece's)
 WORD_START = "\u2581"
@@ -70,6 +71,12 @@ def align_token_groups(text: str, teacher: Tokenised, student: Tokenised
     Raises:
         ValueError: a span outside the text, or lists of different lengths.
     """
+    return [(t, s) for t, s in _all_groups(text, teacher, student) if t[0] >= 1 and s[0] >= 1]
+
+
+def _all_groups(text: str, teacher: Tokenised, student: Tokenised
+                ) -> List[Tuple[List[int], List[int]]]:
+    """:func:`align_token_groups` before the groups at position 0 are left out."""
     for side, tokens in (("teacher", teacher), ("student", student)):
         if not len(tokens.ids) == len(tokens.spans) == len(tokens.special):
             raise ValueError(f"the {side}'s ids, spans and special flags have different "
@@ -128,7 +135,54 @@ def align_token_groups(text: str, teacher: Tokenised, student: Tokenised
         for pair in zip(teacher_positions, specials[1].get(place, [])):
             groups.append((place + 0.5, [pair[0]], [pair[1]]))
     groups.sort(key=lambda group: (group[0], group[1][0]))
-    return [(t, s) for _, t, s in groups if t[0] >= 1 and s[0] >= 1]
+    return [(t, s) for _, t, s in groups]
+
+
+def _inside(tokens: Tokenised, start: int, end: int) -> Tuple[Tokenised, List[int]]:
+    """The non-special tokens whose spans lie in ``[start, end)``, spans shifted to start
+    at 0, and their positions in ``tokens``."""
+    kept = [position for position, ((a, b), special) in
+            enumerate(zip(tokens.spans, tokens.special))
+            if not special and start <= a and b <= end and b > a]
+    return Tokenised([tokens.ids[p] for p in kept],
+                     [(tokens.spans[p][0] - start, tokens.spans[p][1] - start) for p in kept],
+                     [False] * len(kept)), kept
+
+
+def align_segment_groups(segments: Sequence[Tuple[str, Tuple[int, int], Tuple[int, int]]],
+                         teacher: Tokenised, student: Tokenised
+                         ) -> List[Tuple[List[int], List[int]]]:
+    """Aligned groups of two tokenisations of *different* texts that share segments (the
+    same messages rendered by two chat templates).
+
+    Only the shared text is aligned: per segment, the tokens of each side that lie inside
+    it (a token that straddles the segment's edge, half template and half message, is
+    left out, so the characters it covers pair nothing) are aligned as
+    :func:`align_token_groups` aligns one text. Template text and special tokens are in no
+    group.
+
+    Args:
+        segments: ``(text, (start_T, end_T), (start_S, end_S))`` per shared piece: its
+            text and where it sits in the teacher's and the student's texts.
+        teacher, student: :class:`Tokenised` of the two texts.
+
+    Returns:
+        the groups as :func:`align_token_groups` returns them (positions in ``teacher``
+        and ``student``), in segment order.
+    """
+    groups = []
+    for text, (start_T, end_T), (start_S, end_S) in segments:
+        if end_T - start_T != len(text) or end_S - start_S != len(text):
+            raise ValueError(f"a segment of {len(text)} characters sits at {start_T}..{end_T}"
+                             f" (teacher) and {start_S}..{end_S} (student)")
+        inner_T, places_T = _inside(teacher, start_T, end_T)
+        inner_S, places_S = _inside(student, start_S, end_S)
+        for group_T, group_S in _all_groups(text, inner_T, inner_S):
+            positions_T = [places_T[p] for p in group_T]
+            positions_S = [places_S[p] for p in group_S]
+            if positions_T[0] >= 1 and positions_S[0] >= 1:
+                groups.append((positions_T, positions_S))
+    return groups
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,12 +209,18 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: Optional[int] = Non
     """
     backend = _backend(tokenizer)
     encodings = backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+    # a special token written in the text (a chat template's markers) is special too,
+    # although the post-processor did not add it
+    special_ids = {index for index, token in backend.get_added_tokens_decoder().items()
+                   if token.special}
     out = []
     for encoding in encodings:
         keep = len(encoding.ids) if max_length is None else max_length
         out.append(Tokenised(list(encoding.ids[:keep]),
                              [tuple(span) for span in encoding.offsets[:keep]],
-                             [bool(flag) for flag in encoding.special_tokens_mask[:keep]]))
+                             [bool(flag) or index in special_ids for flag, index
+                              in zip(encoding.special_tokens_mask[:keep],
+                                     encoding.ids[:keep])]))
     return out
 
 
@@ -321,6 +381,53 @@ def vocabulary_map(tokenizer_T: Any, tokenizer_S: Any, *, vocab_size_T: Optional
 # ---------------------------------------------------------------------------------------
 # the collator
 # ---------------------------------------------------------------------------------------
+def _messages_of(example: Any) -> Optional[List[Mapping]]:
+    """The chat of a ``{'messages': [{'role', 'content'}, ...]}`` example, else None."""
+    if isinstance(example, Mapping) and "messages" in example:
+        messages = example["messages"]
+        if not isinstance(messages, Sequence) or not all(
+                isinstance(m, Mapping) and isinstance(m.get("content"), str)
+                and isinstance(m.get("role"), str) for m in messages):
+            raise ValueError("'messages' must be a list of {'role': str, 'content': str}")
+        return list(messages)
+    return None
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Mapping], side: str
+                ) -> Tuple[str, List[Tuple[str, int, int]]]:
+    """``messages`` rendered by ``tokenizer``'s chat template, and where each message's
+    content sits in the rendering.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a ``chat_template``.
+        messages: ``[{'role': ..., 'content': ...}, ...]``.
+        side: ``'teacher'`` or ``'student'``, for the error messages.
+
+    Returns:
+        ``(text, [(role, start, end), ...])``, one entry per message, in order.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or its rendering does not hold a
+            message's content verbatim and in order (the message is named).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the {side}'s tokenizer ({type(tokenizer).__name__}) has no "
+                         f"chat_template: chat examples are rendered with each side's own "
+                         f"template (set tokenizer.chat_template)")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    places, cursor = [], 0
+    for index, message in enumerate(messages):
+        start = text.find(message["content"], cursor)
+        if start < 0:
+            raise ValueError(f"the {side}'s chat template does not reproduce message {index} "
+                             f"({message['role']!r}: {message['content'][:30]!r}) verbatim "
+                             f"after character {cursor}: the two sides can only be compared "
+                             f"on text both renderings hold")
+        cursor = start + len(message["content"])
+        places.append((message["role"], start, cursor))
+    return text, places
+
+
 def _text_of(example: Any, text_key: str) -> str:
     if isinstance(example, str):
         return example
@@ -349,7 +456,7 @@ def _padded(rows: List[List[int]], value: int) -> torch.Tensor:
 
 
 class CrossTokenizerCollator:
-    """Texts to a batch for ``LMDistillationConfig(token_alignment='span' | 'uld')``.
+    """Texts (or chats) to a batch for ``LMDistillationConfig(token_alignment='span' | 'uld')``.
 
     Each text is tokenised by both tokenizers (with character offsets) and the two
     tokenisations aligned (:func:`align_token_groups`). The batch::
@@ -358,6 +465,13 @@ class CrossTokenizerCollator:
          'student': {'input_ids': (B, L_S), 'attention_mask': (B, L_S),
                      'labels': (B, L_S)},           # padding = ignore_index
          'token_groups': TokenGroups}
+
+    A chat example, ``{'messages': [{'role': ..., 'content': ...}, ...]}``, is rendered by
+    each side's own chat template (Hugging Face tokenizers with a ``chat_template``), so
+    each model reads the prompt format it was trained on; only the messages' contents,
+    which both renderings hold verbatim, are aligned (:func:`align_segment_groups`), and
+    the template's own text and tokens are in no group. A rendering that changes a
+    content is an error naming the message.
 
     Args:
         tokenizer_T, tokenizer_S: ``tokenizers.Tokenizer`` or Hugging Face fast tokenizers.
@@ -368,30 +482,88 @@ class CrossTokenizerCollator:
             they differ).
         pad_id_T, pad_id_S: padding ids (masked everywhere).
         ignore_index: the student's label at padding.
-        add_special_tokens: let each tokenizer add its own BOS/EOS.
+        add_special_tokens: let each tokenizer add its own BOS/EOS to plain texts (a chat
+            template writes its own).
+        train_on: chats only: ``'all'`` (every student token is a target) or
+            ``'assistant'`` (the contents of assistant messages, each with the first
+            special token after it, the end of the turn; the rest gets ``ignore_index``,
+            so only those positions are distilled too).
     """
 
     def __init__(self, tokenizer_T: Any, tokenizer_S: Any, max_length: Optional[int] = None,
                  text_key: str = "text", pad_id_T: int = 0, pad_id_S: int = 0,
-                 ignore_index: int = -100, add_special_tokens: bool = True):
+                 ignore_index: int = -100, add_special_tokens: bool = True,
+                 train_on: str = "all"):
         _backend(tokenizer_T), _backend(tokenizer_S)
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
             raise ValueError(f"max_length must be None or an integer >= 2, got {max_length!r}")
+        if train_on not in ("all", "assistant"):
+            raise ValueError(f"train_on must be 'all' or 'assistant', got {train_on!r}")
         self.tokenizer_T, self.tokenizer_S = tokenizer_T, tokenizer_S
         self.max_length, self.text_key = max_length, text_key
         self.pad_id_T, self.pad_id_S = pad_id_T, pad_id_S
         self.ignore_index, self.add_special_tokens = ignore_index, add_special_tokens
+        self.train_on = train_on
 
-    def _side(self, texts: List[str], role: str) -> Tuple[List[Tokenised], Dict[str, Any]]:
+    def _render(self, examples: Sequence[Any], role: str
+                ) -> Tuple[List[str], Optional[List[List[Tuple[str, int, int]]]]]:
+        """Each example's text for ``role``, and for chats where each message sits."""
+        chats = [_messages_of(example) for example in examples]
+        if all(chat is None for chat in chats):
+            if self.train_on != "all":
+                raise ValueError("train_on='assistant' needs chat examples ({'messages': "
+                                 "[...]}); plain texts have no roles")
+            return [_text_of(example, self.text_key) for example in examples], None
+        if any(chat is None for chat in chats):
+            raise ValueError("a batch mixes chat examples ({'messages': [...]}) and plain "
+                             "texts; give one kind per batch")
+        tokenizer = self.tokenizer_T if role == "teacher" else self.tokenizer_S
+        rendered = [render_chat(tokenizer, chat, role) for chat in chats]
+        return [text for text, _ in rendered], [places for _, places in rendered]
+
+    def _targets(self, tokens: Tokenised, places: List[Tuple[str, int, int]]) -> List[bool]:
+        """Which student tokens are targets under ``train_on='assistant'``: those that cover
+        characters of an assistant message's content (a word-initial token that also holds
+        the template's space before it counts), and the first special token after them
+        (before the next message's text), which ends the turn."""
+        target = [False] * len(tokens.ids)
+        in_a_message = [any(start <= a < end for _, start, end in places) and b > a
+                        for a, b in tokens.spans]
+        for role, start, end in places:
+            if role != "assistant":
+                continue
+            inside = [position for position, ((a, b), special)
+                      in enumerate(zip(tokens.spans, tokens.special))
+                      if not special and b > a and a < end and b > start]
+            for position in inside:
+                target[position] = True
+            for position in range(inside[-1] + 1 if inside else len(tokens.ids),
+                                  len(tokens.ids)):
+                if tokens.special[position]:
+                    target[position] = True
+                    break
+                if in_a_message[position]:
+                    break
+        return target
+
+    def _side(self, texts: List[str], role: str,
+              places: Optional[List[List[Tuple[str, int, int]]]] = None
+              ) -> Tuple[List[Tokenised], Dict[str, Any]]:
         """One side's tokenisations and its padded model inputs."""
         tokenizer, pad_id = ((self.tokenizer_T, self.pad_id_T) if role == "teacher"
                              else (self.tokenizer_S, self.pad_id_S))
-        tokenised = encode(tokenizer, texts, self.max_length, self.add_special_tokens)
+        tokenised = encode(tokenizer, texts, self.max_length,
+                           self.add_special_tokens and places is None)
         ids = _padded([tokens.ids for tokens in tokenised], pad_id)
         mask = _padded([[1] * len(tokens.ids) for tokens in tokenised], 0)
         inputs = {"input_ids": ids, "attention_mask": mask}
         if role == "student":
-            inputs["labels"] = ids.masked_fill(mask == 0, self.ignore_index)
+            labels = ids.masked_fill(mask == 0, self.ignore_index)
+            if places is not None and self.train_on == "assistant":
+                chosen = _padded([[int(t) for t in self._targets(tokens, where)]
+                                  for tokens, where in zip(tokenised, places)], 0)
+                labels = labels.masked_fill(chosen == 0, self.ignore_index)
+            inputs["labels"] = labels
         return tokenised, inputs
 
     def one_side(self, examples: Sequence[Any], role: str) -> Dict[str, torch.Tensor]:
@@ -400,15 +572,23 @@ class CrossTokenizerCollator:
         cross-tokenizer batch."""
         if role not in ("teacher", "student"):
             raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
-        return self._side([_text_of(example, self.text_key) for example in examples], role)[1]
+        texts, places = self._render(examples, role)
+        return self._side(texts, role, places)[1]
 
     def __call__(self, examples: Sequence[Any]) -> Dict[str, Any]:
-        texts = [_text_of(example, self.text_key) for example in examples]
-        teacher, inputs_T = self._side(texts, "teacher")
-        student, inputs_S = self._side(texts, "student")
+        texts_T, places_T = self._render(examples, "teacher")
+        texts_S, places_S = self._render(examples, "student")
+        teacher, inputs_T = self._side(texts_T, "teacher", places_T)
+        student, inputs_S = self._side(texts_S, "student", places_S)
         batch_index, positions_T, positions_S = [], [], []
-        for row, (text, tokens_T, tokens_S) in enumerate(zip(texts, teacher, student)):
-            for group_T, group_S in align_token_groups(text, tokens_T, tokens_S):
+        for row, (tokens_T, tokens_S) in enumerate(zip(teacher, student)):
+            if places_T is None:
+                found = align_token_groups(texts_T[row], tokens_T, tokens_S)
+            else:
+                found = align_segment_groups(
+                    [(texts_T[row][a:b], (a, b), (c, d)) for (_, a, b), (_, c, d)
+                     in zip(places_T[row], places_S[row])], tokens_T, tokens_S)
+            for group_T, group_S in found:
                 batch_index.append(row)
                 positions_T.append(group_T)
                 positions_S.append(group_S)
