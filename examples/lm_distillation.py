@@ -82,7 +82,7 @@ from textbrewer import (CausalLMDistiller, DistillationConfig,  # noqa: E402
                         LMDistillationConfig, TrainingConfig)
 from textbrewer.cache import (CachedTeacherCollator, IndexedDataset,  # noqa: E402
                               TeacherCache, write_teacher_cache)
-from textbrewer.losses.token import DIVERGENCES  # noqa: E402
+from textbrewer.distillers.lm.config import LM_DIVERGENCES  # noqa: E402
 from textbrewer.utils import count_parameters  # noqa: E402
 
 try:
@@ -293,7 +293,8 @@ def train(model, loader, args, device, steps: int, lr: float, seed: int, output_
         temperature=args.temperature,
         kd_loss_weight=1.0 if distilling else 0.0,
         hard_label_weight=args.hard_label_weight if distilling else 1.0)
-    lm_config = LMDistillationConfig(divergence=divergence, beta=args.beta,
+    lm_config = LMDistillationConfig(divergence=divergence, beta=args.beta, alpha=args.alpha,
+                                     taid_schedule=args.taid_schedule,
                                      topk_tail=args.cache_tail)
     optimizer, schedule = optimizer_and_schedule(model, lr, steps)
     distiller = CausalLMDistiller(train_config(output_dir, device, steps, seed), distill_config,
@@ -324,11 +325,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="the split the table scores: choose settings on 'validation'")
     parser.add_argument("--divergences", nargs="+", default=["forward_kl"],
-                        choices=[d for d in DIVERGENCES if d != "topk_kl"],
+                        choices=[d for d in LM_DIVERGENCES if d != "topk_kl"],
                         help="the KD divergence; with several, one distilled student per "
                              "divergence (the first is 'distilled_student')")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=0.5, help="β of 'jsd'")
+    parser.add_argument("--alpha", type=float, default=0.1,
+                        help="α of 'skew_kl' and 'skew_reverse_kl' (DistiLLM)")
+    parser.add_argument("--taid-schedule", choices=("adaptive", "linear"), default="adaptive",
+                        help="how TAID's t moves from 0.4 to 1 (docs/objectives.md)")
     parser.add_argument("--hard-label-weight", type=float, default=1.0,
                         help="weight of the cross-entropy next to the KD term (weight 1)")
     parser.add_argument("--from-cache", action="store_true",
@@ -455,7 +460,8 @@ def main(argv=None) -> Dict[str, Any]:
                             "bytes_per_token": cache.bytes_per_token,
                             "write_seconds": round(cache_seconds, 1)}
     results["run"] = common.run_record(args, started, [
-        "steps", "teacher_steps", "seeds", "divergences", "temperature", "beta",
+        "steps", "teacher_steps", "seeds", "divergences", "temperature", "beta", "alpha",
+        "taid_schedule",
         "hard_label_weight", "lr", "teacher_lr", "batch_size", "threads", "quick"],
         settings={"device": str(device)})
     results["run"]["cpu_seconds"] = round(time.process_time() - cpu_started, 1)

@@ -5,17 +5,19 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ...configurations import DistillationConfig, TrainingConfig
 from ...logs import logger
-from ...losses.token import TopKTeacher, fused_token_distillation_loss, token_distillation_loss
+from ...losses.token import (OBJECTIVES, TAIDSchedule, TopKTeacher, akl_loss,
+                             fused_token_distillation_loss, taid_loss, token_distillation_loss)
 from ...losses.token.cross import TokenGroups, cross_tokenizer_loss
 from ..basic import BasicDistiller
 from ..composer import check_same_device
 from .alignment import CausalAlignment, PreparedBatch, cached_topk
 from .config import LMDistillationConfig
-from .generation import Sampler
+from .generation import AdaptiveOffPolicySchedule, Sampler
 from .heads import (call_model, check_fused_head, head_bias, hidden_before_head, logits_of,
                     output_head, vocab_size)
 
@@ -29,6 +31,14 @@ class LMDistillerBase(BasicDistiller):
     A subclass names its target rule (``alignment_class``: how the logits line up with
     the labels, which keys a model gets) and how a model's own continuation becomes a
     batch (:meth:`generated_batch`).
+
+    ``off_policy_schedule``: an optional
+    :class:`~textbrewer.distillers.lm.generation.AdaptiveOffPolicySchedule` (DistiLLM)
+    whose probability replaces ``lm_config.lmbda`` as the chance that a batch is
+    student-generated; the caller updates it with validation losses. With
+    ``lm_config.divergence='taid'``, :attr:`taid` holds TAID's t
+    (:class:`~textbrewer.losses.token.TAIDSchedule`), updated after every optimizer step.
+    Both are saved in the training state (:meth:`extra_state`).
     """
 
     supports_logits_caching = False
@@ -44,7 +54,8 @@ class LMDistillerBase(BasicDistiller):
                  adaptor_T: Optional[Callable] = None, adaptor_S: Optional[Callable] = None,
                  lm_config: Optional[LMDistillationConfig] = None, *,
                  lm_head_T: Optional[nn.Module] = None, lm_head_S: Optional[nn.Module] = None,
-                 vocabulary_map: Optional[torch.Tensor] = None):
+                 vocabulary_map: Optional[torch.Tensor] = None,
+                 off_policy_schedule: Optional[AdaptiveOffPolicySchedule] = None):
         if lm_config is None:
             lm_config = LMDistillationConfig()
         if not isinstance(lm_config, LMDistillationConfig):
@@ -80,6 +91,7 @@ class LMDistillerBase(BasicDistiller):
                 raise ValueError(f"token_alignment={lm_config.token_alignment!r} needs a "
                                  f"live teacher (model_T is None; a teacher cache is kept "
                                  f"in the teacher's own token positions)")
+        self._check_generation_options(lm_config, model_T, off_policy_schedule)
         if vocabulary_map is not None and lm_config.token_alignment != "span":
             raise ValueError(f"vocabulary_map is used by token_alignment='span' only, got "
                              f"token_alignment={lm_config.token_alignment!r}")
@@ -87,6 +99,13 @@ class LMDistillerBase(BasicDistiller):
         self.lm_config = lm_config
         self.alignment = self.alignment_class(lm_config.ignore_index, lm_config.cache_key)
         self.sampler = Sampler(lm_config, self.runtime, self.alignment.shifts_labels)
+        #: DistiLLM's adaptive probability of student-generated batches (replaces lmbda)
+        self.off_policy_schedule = off_policy_schedule
+        #: TAID's t (``divergence='taid'``), updated after every optimizer step
+        self.taid = None if lm_config.divergence != "taid" else TAIDSchedule(
+            lm_config.taid_t_start, lm_config.taid_t_end, lm_config.taid_alpha,
+            lm_config.taid_beta, lm_config.taid_schedule)
+        self._taid_window: Optional[torch.Tensor] = None  # the window's TAID loss so far
         self.head_S = output_head(model_S, lm_head_S)
         self.head_T = None if model_T is None else output_head(model_T, lm_head_T)
         self.vocab_size_S = vocab_size(model_S, self.head_S)
@@ -116,6 +135,31 @@ class LMDistillerBase(BasicDistiller):
         return self.alignment.shifts_labels
 
     # setup -----------------------------------------------------------------------------------
+    def _check_generation_options(self, config: LMDistillationConfig, model_T: Optional[nn.Module],
+                                  schedule: Optional[AdaptiveOffPolicySchedule]) -> None:
+        """The off-policy schedule and Speculative KD, checked against the rest."""
+        if schedule is not None:
+            if not isinstance(schedule, AdaptiveOffPolicySchedule):
+                raise TypeError(f"off_policy_schedule must be an AdaptiveOffPolicySchedule, "
+                                f"got {type(schedule).__name__}")
+            if model_T is None:
+                raise ValueError("off_policy_schedule (student-generated batches) needs a live "
+                                 "teacher to score the student's samples, but model_T is None")
+            if config.token_alignment is not None:
+                raise ValueError(f"off_policy_schedule with token_alignment="
+                                 f"{config.token_alignment!r} is not supported: generated "
+                                 f"tokens would have to be re-tokenised for the teacher")
+        if config.speculative_top_k is not None:
+            if config.lmbda == 0 and schedule is None:
+                raise ValueError(f"speculative_top_k={config.speculative_top_k} verifies the "
+                                 f"student's generations, but no batch is student-generated: "
+                                 f"set lmbda > 0 or pass off_policy_schedule=")
+            if not self.alignment_class.shifts_labels:
+                raise ValueError(f"speculative_top_k is for causal LMs; {type(self).__name__} "
+                                 f"is not one")
+            if model_T is None:
+                raise ValueError("speculative_top_k needs a live teacher (model_T is None)")
+
     def _checked_map(self, vocabulary_map: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The span mode's map (V_T,), checked against both vocabularies."""
         if self.lm_config.token_alignment != "span":
@@ -164,6 +208,8 @@ class LMDistillerBase(BasicDistiller):
         adaptors = self.adaptor_S is not None or self.adaptor_T is not None
         compiled = self.t_config.compile is not False
         live_topk = self.lm_config.divergence == "topk_kl"
+        if self.lm_config.divergence in OBJECTIVES:  # the config refuses 'fused' for them
+            return "chunked" if requested == "auto" else requested
         if requested == "fused":
             problems = []
             if self.head_S is None:
@@ -190,11 +236,56 @@ class LMDistillerBase(BasicDistiller):
 
     # state -----------------------------------------------------------------------------------
     def extra_state(self) -> Dict[str, Any]:
-        """The on-policy generator's state (the coin and the sampling seeds)."""
-        return self.sampler.state_dict()
+        """The on-policy generator's state (the coin and the sampling seeds), TAID's t and
+        the off-policy schedule's probability."""
+        state = dict(self.sampler.state_dict())
+        if self.taid is not None:
+            state["taid"] = self.taid.state_dict()
+        if self.off_policy_schedule is not None:
+            state["off_policy_schedule"] = self.off_policy_schedule.state_dict()
+        return state
 
     def load_extra_state(self, state: Dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+        state = state or {}
+        if self.taid is not None and state.get("taid") is not None:
+            self.taid.load_state_dict(state["taid"])
+        if self.off_policy_schedule is not None and state.get("off_policy_schedule"):
+            self.off_policy_schedule.load_state_dict(state["off_policy_schedule"])
+
+    # schedules -------------------------------------------------------------------------------
+    def update_schedules(self, progress: float) -> None:
+        """The weight schedules, then TAID's t from the step's TAID loss (summed over the
+        window's micro-batches: each is its tokens' sum over the window's count, and over
+        DDP ranks)."""
+        super().update_schedules(progress)
+        if self.taid is None:
+            return
+        window, self._taid_window = self._taid_window, None
+        if self.runtime.distributed:  # every rank joins, with or without a TAID loss
+            device = self.runtime.device if self.runtime.device.type == "cuda" else "cpu"
+            packed = torch.zeros(2, dtype=torch.float64, device=device)
+            if window is not None:
+                packed[0], packed[1] = window.detach().double(), 1.0
+            dist.all_reduce(packed)
+            window = packed[0] if float(packed[1]) > 0 else None
+        if window is None:
+            return  # e.g. the call at a resumed run's start: no step was taken yet
+        self.taid.update(float(window), progress)
+
+    def reset_schedules(self) -> None:
+        super().reset_schedules()
+        if self.taid is not None:
+            self.taid.reset()
+        self._taid_window = None
+
+    def observed_values(self) -> Dict[str, Any]:
+        values = super().observed_values()
+        if self.taid is not None:
+            values["taid_t"] = self.taid.t
+        if self.off_policy_schedule is not None:
+            values["off_policy_probability"] = self.off_policy_schedule.probability
+        return values
 
     # windows ---------------------------------------------------------------------------------
     def prepare_window(self, batches: List[Any]) -> Tuple[List[PreparedBatch], int]:
@@ -202,6 +293,9 @@ class LMDistillerBase(BasicDistiller):
         and their valid target tokens: the loop hands the prepared batches to
         :meth:`train_on_batch` and sums the count over ranks (each batch's loss is its token
         sum over that count)."""
+        # a window that took no optimizer step (an epoch's short last one) must not carry
+        # its TAID loss into the next window's
+        self._taid_window = None
         prepared = [self.prepare_batch(batch) for batch in batches]
         return prepared, sum(item.count for item in prepared)
 
@@ -237,8 +331,10 @@ class LMDistillerBase(BasicDistiller):
         if config.token_alignment is not None:
             groups = self._token_groups(batch, separate)
         source = "data"
-        if config.generates:
-            on_policy, seed = self.sampler.draw()
+        schedule = self.off_policy_schedule
+        if config.generates or schedule is not None:
+            on_policy, seed = self.sampler.draw(
+                None if schedule is None else schedule.probability)
             if on_policy or config.seq_kd:
                 if separate:
                     raise ValueError("on-policy / sequence-level KD with {'teacher', "
@@ -246,7 +342,10 @@ class LMDistillerBase(BasicDistiller):
                                      "tokens would have to be re-tokenised for the teacher")
                 source = "student" if on_policy else "teacher"
                 model = self.model_S if on_policy else self.model_T
-                student_batch = teacher_batch = self.generated_batch(model, student_batch, seed)
+                verifier = self.model_T if on_policy and config.speculative_top_k else None
+                with self.sampler.verifying(verifier):
+                    student_batch = teacher_batch = self.generated_batch(model, student_batch,
+                                                                         seed)
                 separate = False
         labels = alignment.labels(student_batch)
         aligned, valid = alignment.aligned_targets(student_batch, labels)
@@ -429,6 +528,8 @@ class LMDistillerBase(BasicDistiller):
                 parts = self._cross_tokenizer_loss(
                     prepared.groups, logits_S, logits_T, student_inputs["input_ids"],
                     teacher_inputs["input_ids"], labels, valid, options)
+            elif options["divergence"] in OBJECTIVES:
+                parts = self._objective_loss(logits_S, logits_T, labels, valid, options)
             else:
                 parts = token_distillation_loss(
                     logits_S, logits_T, labels, valid,
@@ -439,6 +540,25 @@ class LMDistillerBase(BasicDistiller):
         if "ce" in parts:
             named["unweighted_hard_label_loss"] = parts["ce"]
         return loss, named
+
+    def _objective_loss(self, logits_S: torch.Tensor, logits_T: torch.Tensor,
+                        labels: torch.Tensor, valid: torch.Tensor,
+                        options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """The parts of a TAID or AKL batch (:mod:`textbrewer.losses.token.objectives`); a
+        TAID batch's loss is added to the window's, for the update of t after the step."""
+        config = self.lm_config
+        common = dict(temperature=options["temperature"],
+                      scale_by_temperature_squared=options["scale_by_temperature_squared"],
+                      kd_weight=options["kd_weight"], ce_weight=options["ce_weight"],
+                      ignore_index=options["ignore_index"], num_tokens=options["num_tokens"],
+                      vocab_alignment=options["vocab_alignment"], return_dict=True,
+                      chunk_size=config.chunk_size if self.path == "chunked" else None)
+        if options["divergence"] == "akl":
+            return akl_loss(logits_S, logits_T, labels, valid, mu=config.akl_mu, **common)
+        parts = taid_loss(logits_S, logits_T, labels, valid, t=self.taid.t, **common)
+        kd = parts["kd"].detach()
+        self._taid_window = kd if self._taid_window is None else self._taid_window + kd
+        return parts
 
     def _cross_tokenizer_loss(self, groups: TokenGroups, logits_S: torch.Tensor,
                               logits_T: torch.Tensor, ids_S: torch.Tensor, ids_T: torch.Tensor,

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ...configurations import Config
-from ...losses.token import DIVERGENCES
+from ...losses.token import DIVERGENCES, OBJECTIVES, TAID_SCHEDULES
 from ...losses.token.cross import CROSS_TOKENIZER_MODES, SPAN_DIVERGENCES
 
 __all__ = ["LMDistillationConfig", "LM_PATHS", "TOPK_TAILS", "VOCAB_ALIGNMENTS",
-           "TOKEN_ALIGNMENTS"]
+           "TOKEN_ALIGNMENTS", "LM_DIVERGENCES"]
+
+#: every ``divergence=``: the token divergences, then the objectives of
+#: :mod:`textbrewer.losses.token.objectives` (dense and chunked paths only)
+LM_DIVERGENCES = DIVERGENCES + OBJECTIVES
 
 #: the loss paths of :class:`~textbrewer.distillers.lm.config.LMDistillationConfig` (``path=``)
 LM_PATHS = ("auto", "dense", "chunked", "fused")
@@ -60,6 +64,17 @@ class LMDistillationConfig(Config):
             ``'skew_kl'``, ``'tv'``, ``'jsd'`` with β < 1) or ``'uld'`` (sorted-probability
             L1, Boizard et al. 2024); see :mod:`textbrewer.losses.token.cross`. The
             dense path only; no teacher cache, on-policy or sequence-level KD.
+        taid_t_start, taid_t_end: TAID's t at the start and its largest value (paper: 0.4,
+            1.0).
+        taid_alpha, taid_beta: step size and momentum of TAID's adaptive update (paper:
+            5e-4, 0.99).
+        taid_schedule: ``'adaptive'`` (the paper's update after each optimizer step, from
+            the step's TAID loss) or ``'linear'`` (t_start to t_end over the run).
+        akl_mu: μ of ``'akl'``: the teacher mass of the head (paper: 0.5).
+        speculative_top_k: None, or K: student-generated (on-policy) batches are generated
+            with Speculative KD: each token the student samples is kept when it is in the
+            teacher's top K, else replaced by a token sampled from the teacher (Xu et al.,
+            ICLR 2025). Causal LMs; the plain sampling loop runs (no ``generate``).
         topk: entries of the live teacher's top-k for ``divergence='topk_kl'``.
         topk_tail: ``'renormalize'`` or ``'uniform'`` (see :class:`~textbrewer.losses.token.TopKTeacher`).
         cache_key: the batch key where :class:`~textbrewer.cache.CachedTeacherCollator`
@@ -96,6 +111,13 @@ class LMDistillationConfig(Config):
     vocab_alignment: Optional[str] = None
     ignore_index: int = -100
     token_alignment: Optional[str] = None
+    taid_t_start: float = 0.4
+    taid_t_end: float = 1.0
+    taid_alpha: float = 5e-4
+    taid_beta: float = 0.99
+    taid_schedule: str = "adaptive"
+    akl_mu: float = 0.5
+    speculative_top_k: Optional[int] = None
     topk: Optional[int] = None
     topk_tail: str = "renormalize"
     cache_key: str = "teacher_topk"
@@ -112,9 +134,16 @@ class LMDistillationConfig(Config):
     check_fused_head: bool = True
 
     def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got "
+        if self.divergence not in LM_DIVERGENCES:
+            raise ValueError(f"divergence must be one of {list(LM_DIVERGENCES)}, got "
                              f"{self.divergence!r}")
+        if self.divergence in OBJECTIVES and self.path == "fused":
+            raise ValueError(f"divergence={self.divergence!r} has no fused path; use path="
+                             f"'dense', 'chunked' or 'auto' (the fused path implements "
+                             f"{list(DIVERGENCES)})")
+        if self.taid_schedule not in TAID_SCHEDULES:
+            raise ValueError(f"taid_schedule must be one of {list(TAID_SCHEDULES)}, got "
+                             f"{self.taid_schedule!r}")
         if self.path not in LM_PATHS:
             raise ValueError(f"path must be one of {list(LM_PATHS)}, got {self.path!r}")
         if self.topk_tail not in TOPK_TAILS:
@@ -124,13 +153,27 @@ class LMDistillationConfig(Config):
             raise ValueError(f"vocab_alignment must be one of {list(VOCAB_ALIGNMENTS)}, got "
                              f"{self.vocab_alignment!r}")
         for name, low, high in (("beta", 0.0, 1.0), ("alpha", 0.0, 1.0), ("lmbda", 0.0, 1.0),
-                                ("top_p", 0.0, 1.0)):
+                                ("top_p", 0.0, 1.0), ("taid_t_start", 0.0, 1.0),
+                                ("taid_t_end", 0.0, 1.0), ("taid_alpha", 0.0, 1.0),
+                                ("taid_beta", 0.0, 1.0), ("akl_mu", 0.0, 1.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not low <= value <= high:
                 raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
         if self.top_p == 0:
             raise ValueError("top_p must be > 0 (1.0 turns nucleus sampling off), got 0")
+        if not self.taid_t_start < self.taid_t_end:
+            raise ValueError(f"taid_t_start must be < taid_t_end, got "
+                             f"{self.taid_t_start!r} and {self.taid_t_end!r}")
+        if self.taid_beta == 1:
+            raise ValueError("taid_beta must be < 1 (the momentum would never move), got 1")
+        if self.akl_mu == 0:
+            raise ValueError("akl_mu must be > 0 (the head would be empty), got 0")
+        if self.speculative_top_k is not None and (
+                isinstance(self.speculative_top_k, bool)
+                or not isinstance(self.speculative_top_k, int) or self.speculative_top_k < 1):
+            raise ValueError(f"speculative_top_k must be None or an integer >= 1, got "
+                             f"{self.speculative_top_k!r}")
         for name, minimum in (("chunk_size", 1), ("max_new_tokens", 1), ("top_k", 0),
                               ("pad_token_id", 0), ("seed", 0)):
             value = getattr(self, name)

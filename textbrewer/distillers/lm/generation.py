@@ -5,12 +5,19 @@ the batch's prompts) from its own seeded generator (saved in checkpoints), and g
 with every setting explicit: none is read from ``model.generation_config``. Models with a
 ``generate`` method (Transformers) use it; a plain causal module gets a simple sampling
 loop over the whole right-padded sequence.
+
+Two additions from the literature: :class:`AdaptiveOffPolicySchedule` (DistiLLM's
+probability of student-generated batches, raised when the validation loss rises) and
+:func:`speculative_replace` (Speculative KD: the teacher keeps the student's proposed token
+when it is in its top-K, else replaces it by a token it samples), which the sampling loop
+applies when ``LMDistillationConfig.speculative_top_k`` is set.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +26,146 @@ from ...training.batches import forward_model
 from .config import LMDistillationConfig
 from .heads import logits_of
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "AdaptiveOffPolicySchedule", "speculative_replace"]
+
+
+def speculative_replace(proposed: torch.Tensor, teacher_logits: torch.Tensor, top_k: int, *,
+                        temperature: float = 1.0,
+                        generator: Optional[torch.Generator] = None,
+                        replacement: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Speculative KD's verification of one generation step (Xu et al., "Speculative
+    Knowledge Distillation: Bridging the Teacher-Student Gap Through Interleaved
+    Sampling", ICLR 2025).
+
+    The student proposes a token per row; the teacher keeps it when it is among the
+    teacher's ``top_k`` most likely tokens at that position (a token tied with the k-th
+    logit counts as in), else replaces it by a token drawn from the teacher's
+    distribution softmax(teacher_logits / temperature). A replacement is drawn for every
+    row, kept or not, so the generator's position does not depend on the outcomes.
+
+    Args:
+        proposed: (B,) integer token ids proposed by the student.
+        teacher_logits: (B, V) the teacher's next-token logits at the same positions.
+        top_k: K >= 1 (at most V).
+        temperature: > 0, of the teacher's replacement draws.
+        generator: a seeded ``torch.Generator`` on the logits' device, or None for the
+            global one.
+        replacement: (B,) the teacher's tokens to use where the student's are rejected,
+            drawn by the caller (the distillers draw them with the generation settings:
+            greedy, top-k, top-p, temperature); None: drawn here from
+            softmax(teacher_logits / temperature).
+
+    Returns:
+        ``(tokens, accepted)``: (B,) int64 ids, and (B,) bool, True where the student's
+        token was kept.
+
+    A proposed id >= V (a student vocabulary padded beyond the teacher's) is never in the
+    teacher's top-K, so it is always replaced.
+
+    Raises:
+        ValueError: shapes that do not match, K outside [1, V], a negative proposed id, a
+            temperature <= 0.
+    """
+    if proposed.dim() != 1 or teacher_logits.dim() != 2 \
+            or teacher_logits.shape[0] != proposed.shape[0]:
+        raise ValueError(f"speculative_replace needs proposed (B,) and teacher_logits (B, V), "
+                         f"got {tuple(proposed.shape)} and {tuple(teacher_logits.shape)}")
+    if proposed.dtype.is_floating_point:
+        raise ValueError(f"proposed must hold integer token ids, got {proposed.dtype}")
+    vocab = teacher_logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be an integer in [1, {vocab}] (the teacher's "
+                         f"vocabulary), got {top_k!r}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    proposed = proposed.long().to(teacher_logits.device)
+    if proposed.numel() and int(proposed.min()) < 0:
+        raise ValueError(f"proposed token ids must be >= 0, got {int(proposed.min())}")
+    scores = teacher_logits.float()
+    kth = scores.topk(top_k, dim=-1).values[:, -1]
+    inside = proposed < vocab  # beyond the teacher's (padded) vocabulary: never in its top-K
+    accepted = inside & (scores.gather(-1, proposed.clamp(max=vocab - 1)[:, None]).squeeze(-1)
+                         >= kth)
+    if replacement is not None:
+        if tuple(replacement.shape) != tuple(proposed.shape):
+            raise ValueError(f"replacement must be (B,) like proposed, got "
+                             f"{tuple(replacement.shape)}")
+        drawn = replacement.long().to(proposed.device)
+    else:
+        drawn = torch.multinomial((scores / temperature).softmax(-1), 1,
+                                  generator=generator).squeeze(-1)
+    return torch.where(accepted, proposed, drawn), accepted
+
+
+class AdaptiveOffPolicySchedule:
+    """DistiLLM's adaptive off-policy schedule (Ko et al., "DistiLLM: Towards Streamlined
+    Distillation for Large Language Models", ICML 2024): the probability φ that a batch is
+    generated by the student rises when the validation loss stops improving.
+
+    Call :meth:`update` with each validation loss L (e.g. from a training callback). The
+    first call only records L as the reference L_ref; after it::
+
+        if L >= L_ref + loss_eps:   φ = min(φ + step, maximum),   L_ref = L
+
+    (the reference moves only when φ does, as in the official code). Given to an LM
+    distiller (``off_policy_schedule=``), φ replaces ``LMDistillationConfig.lmbda`` as the
+    per-batch probability of student generation, and its state is saved in checkpoints.
+    DistiLLM's replay buffer of student samples is not implemented: every student batch
+    is generated fresh.
+
+    Args:
+        initial: φ at the start, in [0, 1] (DistiLLM: 0).
+        step: the increase per rise of the loss, in (0, 1] (DistiLLM: 0.1).
+        maximum: the largest φ, in [initial, 1] (DistiLLM: 1).
+        loss_eps: how much the loss must rise, >= 0 (DistiLLM's official default 0.1; its
+            OpenLLaMA scripts use 0.2). The official code also mixes in a replay buffer of
+            earlier generations; here φ is the probability of a fresh student generation.
+            Under DDP give every rank the same validation loss.
+
+    Raises:
+        ValueError: an option outside its range.
+    """
+
+    def __init__(self, initial: float = 0.0, step: float = 0.1, maximum: float = 1.0,
+                 loss_eps: float = 0.1):
+        for name, value in (("initial", initial), ("step", step), ("maximum", maximum),
+                            ("loss_eps", loss_eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 < step <= 1:
+            raise ValueError(f"step must be in (0, 1], got {step!r}")
+        if not initial <= maximum <= 1:
+            raise ValueError(f"need 0 <= initial <= maximum <= 1, got initial={initial!r}, "
+                             f"maximum={maximum!r}")
+        self.initial, self.step, self.maximum, self.loss_eps = \
+            float(initial), float(step), float(maximum), float(loss_eps)
+        self.probability = self.initial
+        self.reference: Optional[float] = None
+
+    def update(self, validation_loss: float) -> float:
+        """Record one validation loss; returns the (possibly raised) probability."""
+        loss = float(validation_loss)
+        if not math.isfinite(loss):
+            raise ValueError(f"validation_loss must be finite, got {validation_loss!r}")
+        if self.reference is None:
+            self.reference = loss
+        elif loss >= self.reference + self.loss_eps:
+            self.probability = min(self.probability + self.step, self.maximum)
+            self.reference = loss
+        return self.probability
+
+    def state_dict(self) -> Dict[str, Optional[float]]:
+        return {"probability": self.probability, "reference": self.reference}
+
+    def load_state_dict(self, state: Dict[str, Optional[float]]) -> None:
+        self.probability = float(state["probability"])
+        self.reference = None if state.get("reference") is None else float(state["reference"])
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveOffPolicySchedule(probability={self.probability}, step={self.step}, "
+                f"maximum={self.maximum}, loss_eps={self.loss_eps})")
 
 
 class Sampler:
@@ -38,14 +184,28 @@ class Sampler:
         self.runtime = runtime
         self.shifts_labels = shifts_labels
         self.rng = torch.Generator().manual_seed(config.seed)
+        #: the teacher that verifies the student's tokens (Speculative KD) while a
+        #: :meth:`verifying` block runs; None otherwise
+        self.verifier: Optional[nn.Module] = None
 
     # the coin --------------------------------------------------------------------------------
-    def draw(self) -> Tuple[bool, int]:
+    def draw(self, probability: Optional[float] = None) -> Tuple[bool, int]:
         """(on-policy?, sampling seed) for one batch; both are drawn for every batch, so the
-        generator's position does not depend on the outcomes."""
+        generator's position does not depend on the outcomes. ``probability`` replaces
+        ``config.lmbda`` (an :class:`AdaptiveOffPolicySchedule`'s current value)."""
         coin = float(torch.rand((), generator=self.rng))
         seed = int(torch.randint(0, 2 ** 62, (), generator=self.rng))
-        return coin < self.config.lmbda, seed
+        return coin < (self.config.lmbda if probability is None else probability), seed
+
+    @contextlib.contextmanager
+    def verifying(self, teacher: Optional[nn.Module]):
+        """Within the block, the student's generations are verified by ``teacher`` with
+        :func:`speculative_replace` (nothing changes when ``teacher`` is None)."""
+        saved, self.verifier = self.verifier, teacher
+        try:
+            yield
+        finally:
+            self.verifier = saved
 
     def state_dict(self) -> Dict[str, Any]:
         return {"policy_rng": self.rng.get_state()}
@@ -127,7 +287,10 @@ class Sampler:
         """(B, max_new_tokens) continuations for plain causal modules (no KV cache): each
         step runs the whole right-padded sequence and samples the next token of every row
         from the logits at its last real position (a causal model does not see the padding
-        after it)."""
+        after it). With a :attr:`verifier` (Speculative KD), the teacher runs on the same
+        sequence at every step and :func:`speculative_replace` keeps or replaces each
+        sampled token before it is appended; the replacement draws use the same seeded
+        RNG as the sampling."""
         config, device = self.config, self.runtime.device
         size, steps = len(prompts), config.max_new_tokens
         lengths = torch.tensor([len(prompt) for prompt in prompts])
@@ -148,6 +311,16 @@ class Sampler:
             logits = logits_of(forward_model(model, inputs, {}), "generating model")
             scores = logits[rows, lengths - 1].float()
             token = self.sample(scores)
+            if self.verifier is not None:  # Speculative KD: the teacher keeps or replaces
+                verdict = logits_of(forward_model(self.verifier, inputs, {}), "verifying teacher")
+                # the teacher's ids beyond the student's vocabulary (a padded alignment)
+                # cannot be fed back to the student: they are never drawn
+                teacher_scores = verdict[rows, lengths - 1].float()[:, :scores.shape[-1]]
+                # the replacement follows the run's decoding settings, as the student's does
+                token, _ = speculative_replace(token, teacher_scores,
+                                               min(config.speculative_top_k,
+                                                   teacher_scores.shape[-1]),
+                                               replacement=self.sample(teacher_scores))
             token = torch.where(done, torch.full_like(token, config.pad_token_id), token)
             new[:, step] = token
             buffer[rows, lengths] = token
@@ -183,7 +356,8 @@ class Sampler:
                              "token in every row (a row's first position is a target)")
         device = self.runtime.device
         with self.generating(model, seed):
-            if callable(getattr(model, "generate", None)) and \
+            # Speculative KD needs the teacher at every step: always the plain loop
+            if self.verifier is None and callable(getattr(model, "generate", None)) and \
                     hasattr(model, "generation_config"):
                 width = max(len(prompt) for prompt in prompts)
                 # decoder-only generation continues the last column: pad on the left

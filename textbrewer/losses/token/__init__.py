@@ -17,6 +17,10 @@ name                 per-token value
 ``topk_kl``          KL(p̂‖q) against a cached teacher's top-k (see :class:`TopKTeacher`)
 ===================  ========================================================================
 
+The 2024–2025 objectives of :mod:`textbrewer.losses.token.objectives` (``taid``, ``akl``,
+registered too; :func:`distillm2_loss` over two batches) follow the same validity and
+normalisation rules, on a dense and a checkpointed-chunk path (no fused path).
+
 Validity and normalisation. A token counts when ``labels != ignore_index`` (if labels are
 given) and ``mask != 0`` (if a mask is given). The default reduction is
 ``Σ_valid value / max(count, 1)``; ``num_tokens`` replaces the local count by the count of
@@ -51,9 +55,14 @@ from .registered import (forward_kl_loss, jsd_loss, reverse_kl_loss,  # noqa: F4
                          skew_kl_loss, skew_reverse_kl_loss, token_jsd_loss,
                          token_reverse_kl_loss, topk_kl_loss, tv_loss)
 from .spec import DIVERGENCES, TopKTeacher  # noqa: F401
+from .objectives import (OBJECTIVES, TAID_SCHEDULES, TAIDSchedule, akl_loss,  # noqa: F401
+                         akl_weights, distillm2_loss, taid_loss)
+from .registered import akl_token_loss, taid_token_loss  # noqa: F401
 
 __all__ = ["TopKTeacher", "TokenDistillationLoss", "token_distillation_loss",
            "fused_token_distillation_loss", "count_valid_tokens", "forward_kl_loss",
            "token_reverse_kl_loss", "token_jsd_loss", "skew_kl_loss", "skew_reverse_kl_loss",
            "tv_loss", "topk_kl_loss", "DIVERGENCES",
+           "OBJECTIVES", "TAID_SCHEDULES", "TAIDSchedule", "taid_loss", "akl_loss", "akl_weights",
+           "distillm2_loss", "taid_token_loss", "akl_token_loss",
            "reverse_kl_loss", "jsd_loss"]  # the last two: aliases kept for old imports

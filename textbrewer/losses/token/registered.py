@@ -5,6 +5,7 @@ from __future__ import annotations
 from ...registry import TOKEN_LOSSES
 
 from .api import (token_distillation_loss)
+from .objectives import akl_loss, taid_loss
 
 # ---------------------------------------------------------------------------------------
 # registry entries: fn(logits_S, logits_T, mask=None, **options) -> scalar
@@ -101,3 +102,23 @@ def topk_kl_loss(logits_S, logits_T, mask=None, **options):
     """
     return token_distillation_loss(logits_S, logits_T, mask=mask, divergence="topk_kl",
                                    **options)
+
+
+@TOKEN_LOSSES.register("taid")
+def taid_token_loss(logits_S, logits_T, mask=None, *, t=0.4, **options):
+    """TAID: KL(p_t ‖ q), p_t = softmax(((1−t)·sg(z_S) + t·z_T) / τ) (Shing et al., ICLR 2025).
+
+    ``t`` defaults to the paper's t_start, 0.4; in training it comes from a
+    :class:`~textbrewer.losses.token.objectives.TAIDSchedule` (the LM distillers keep one).
+    Args: see :func:`~textbrewer.losses.token.objectives.taid_loss`.
+    """
+    return taid_loss(logits_S, logits_T, mask=mask, t=t, **options)
+
+
+@TOKEN_LOSSES.register("akl")
+def akl_token_loss(logits_S, logits_T, mask=None, **options):
+    """AKL: w_head·KL(p‖q) + w_tail·KL(q‖p) (Wu et al., COLING 2025); ``mu`` default 0.5.
+
+    Args: see :func:`~textbrewer.losses.token.objectives.akl_loss`.
+    """
+    return akl_loss(logits_S, logits_T, mask=mask, **options)
