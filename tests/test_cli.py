@@ -310,3 +310,20 @@ def test_the_shipped_configs_write_under_the_checkout(corpus, tmp_path):
     if not os.path.exists(shipped_corpus):  # a clean checkout: the error names the path
         with pytest.raises(ConfigError, match=f"data.train='{shipped_corpus}'"):
             load_job_config(STUDENT_YAML, [f"teacher.pretrained={teacher}"])
+
+
+def test_plan_prints_every_loss_path_without_building_weights(cli_runs, corpus, capsys):
+    overrides = data_overrides(corpus) + [f"teacher.pretrained={cli_runs / 'teacher' / 'final'}"]
+    assert cli.main(["plan", STUDENT_YAML, *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "micro-batch 16 x 64 tokens" in printed
+    header = next(line for line in printed.splitlines() if "dense" in line)
+    assert header.split() == ["dense", "chunked", "fused", "cache"]
+    from textbrewer.job.plan import job_plans
+    plans = job_plans(load_job_config(STUDENT_YAML, overrides))
+    import transformers
+    trained = transformers.AutoModelForCausalLM.from_pretrained(cli_runs / "student" / "final")
+    student = sum(p.numel() for p in trained.parameters())
+    for path, plan in plans.items():
+        assert plan.student_parameters == 4 * student, path  # float32, counted exactly
+    assert plans["cache"].teacher_parameters == 0 < plans["dense"].teacher_parameters

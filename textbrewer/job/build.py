@@ -85,6 +85,16 @@ def model_config(name: str, spec: ModelSpec) -> Any:
         raise ConfigError(f"{name}.config: {error}") from None
 
 
+def _dtype_option(dtype: torch.dtype) -> Dict[str, Any]:
+    """``from_pretrained`` / ``from_config``'s dtype keyword: nothing for float32 (their
+    default), ``dtype`` on transformers >= 4.56, ``torch_dtype`` before (renamed there)."""
+    if dtype == torch.float32:
+        return {}
+    import transformers
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
 def build_model(name: str, spec: ModelSpec, default_seed: int,
                 device: Optional[torch.device] = None) -> nn.Module:
     """The causal LM of ``spec``: loaded from ``pretrained``, or built from ``config`` after
@@ -96,15 +106,15 @@ def build_model(name: str, spec: ModelSpec, default_seed: int,
     if device is not None and device.type == "meta":
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(model_config(name, spec),
-                                                                  torch_dtype=dtype)
+                                                                  **_dtype_option(dtype))
     elif spec.pretrained is not None:
         from ..integrations.huggingface import load_pretrained
         model = load_pretrained(spec.pretrained, "causal_lm", tokenizer=False,
-                                torch_dtype=dtype).model
+                                **_dtype_option(dtype)).model
     else:
         torch.manual_seed(default_seed if spec.init_seed is None else spec.init_seed)
         model = transformers.AutoModelForCausalLM.from_config(model_config(name, spec),
-                                                              torch_dtype=dtype)
+                                                              **_dtype_option(dtype))
     if spec.weights is not None and (device is None or device.type != "meta"):
         state = torch.load(spec.weights, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
