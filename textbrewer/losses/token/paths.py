@@ -146,19 +146,45 @@ def _dense(spec, z_S, teacher, labels, valid, denom, reduction, lead):
     return loss, kd.detach(), None if ce is None else ce.detach()
 
 
+#: Bytes of one fp32 [rows, V] temporary of the per-token arithmetic (softmaxes, the
+#: divergence, the gradient). The chunked and fused paths run that arithmetic on blocks of at
+#: most ``chunk_size`` rows whose temporaries stay this small: below glibc's largest dynamic
+#: mmap threshold (32 MiB on 64-bit), so a freed temporary is reused from the heap by the next
+#: block instead of being mapped and page-faulted afresh (on CPU, faulting in a 512 MiB
+#: [1024, 128k] tensor cost several times the exp over it), and within a server CPU's L3
+#: between the passes over it. Each row's values do not depend on the block it is in; only
+#: the order in which the per-block sums are added does.
+_BLOCK_BYTES = 16 * 2 ** 20
+
+
+def _block_rows(width: int, limit: int, itemsize: int) -> int:
+    """Rows per block of the arithmetic: [rows, width] compute-dtype tensors ≤ _BLOCK_BYTES."""
+    return max(1, min(limit, _BLOCK_BYTES // (itemsize * max(width, 1))))
+
+
+def _compute_itemsize(dtype: torch.dtype) -> int:
+    return 8 if dtype == torch.float64 else 4  # fp16/bf16 are up-cast to fp32
+
+
 class _ChunkedLoss(torch.autograd.Function):
-    """Loss over given logits, chunk by chunk; the gradient is computed in forward."""
+    """Loss over given logits, block by block; the gradient is computed in forward.
+
+    Blocks have at most ``chunk_size`` rows, fewer when the vocabulary is wide (see
+    ``_BLOCK_BYTES``): memory only goes down, and the values are the same.
+    """
 
     @staticmethod
     def forward(ctx, logits_S, logits_T, ids, logprobs, labels, valid, denom, spec, chunk_size,
                 need_grad):
         n = logits_S.shape[0]
         v_T = 0 if logits_T is None else logits_T.shape[-1]
+        block = _block_rows(max(logits_S.shape[-1], v_T), chunk_size,
+                            _compute_itemsize(logits_S.dtype))
         grad = torch.empty_like(logits_S) if need_grad else None
         kd = denom.new_zeros(())  # stays 0 for an empty input
         ce = denom.new_zeros(()) if spec.ce_weight != 0 else None
-        for start in range(0, n, chunk_size):
-            rows = slice(start, start + chunk_size)
+        for start in range(0, n, block):
+            rows = slice(start, start + block)
             if logits_T is None:
                 def teacher(rows=rows):
                     return ids[rows], logprobs[rows]
@@ -188,11 +214,41 @@ class _ChunkedLoss(torch.autograd.Function):
         return (grad * grad_loss.to(grad.dtype),) + (None,) * 9
 
 
+def _logits_buffer(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   rows: int) -> Optional[torch.Tensor]:
+    """A [rows, V] buffer that every chunk's logits are written into, or None (then each
+    chunk gets a fresh ``F.linear`` result): under autocast (``F.linear`` casts, an ``out=``
+    matmul would not) and when the dtypes differ (``F.linear`` raises its own error)."""
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): plain F.linear
+        return None
+    if autocast or x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        return None
+    return torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            buffer: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, into ``buffer[:len(x)]`` when there is one: the same
+    kernel (``mm`` / ``addmm``), so the same bits, without a fresh [rows, V] tensor."""
+    if buffer is None:
+        return F.linear(x, weight, bias)
+    out = buffer[:x.shape[0]]
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 class _FusedLoss(torch.autograd.Function):
     """Loss from hidden states and LM heads, chunk by chunk; no [N, V] tensor is created.
 
-    Each chunk's logits are computed under the caller's autocast, up-cast for the softmax,
-    and turned into gradients wrt the student hidden states, head weight and bias at once.
+    Each chunk's logits are computed under the caller's autocast, into one [chunk, V] buffer
+    per model that every chunk reuses (without autocast). The per-token arithmetic runs on
+    blocks of those rows (see ``_BLOCK_BYTES``), each block up-cast for the softmax, and
+    each block's gradient wrt its logits overwrites them in the student's buffer (in the
+    logits' dtype), so the gradients wrt the student hidden states, head weight and bias are
+    one matmul per chunk, as large as ``chunk_size`` makes them.
     """
 
     @staticmethod
@@ -202,6 +258,12 @@ class _FusedLoss(torch.autograd.Function):
         need_grad = need_h or need_w or need_b
         n = hidden_S.shape[0]
         v_T = 0 if weight_T is None else weight_T.shape[0]
+        rows_max = min(chunk_size, n)
+        buffer_S = _logits_buffer(hidden_S, weight_S, bias_S, rows_max)
+        buffer_T = None if hidden_T is None else _logits_buffer(hidden_T, weight_T, bias_T,
+                                                                rows_max)
+        block = _block_rows(max(weight_S.shape[0], v_T), rows_max,
+                            _compute_itemsize(weight_S.dtype))
         grad_h = torch.zeros_like(hidden_S) if need_h else None
         # Accumulate head gradients in at least fp32: many chunks add up into them.
         acc = torch.float64 if weight_S.dtype == torch.float64 else torch.float32
@@ -212,27 +274,33 @@ class _FusedLoss(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
             h = hidden_S[rows]
-            z_S = F.linear(h, weight_S, bias_S)
-            logits_dtype = z_S.dtype
-            student = [_up(z_S)]
-            del z_S  # the up-cast copy (or z_S itself) now lives only in `student`
-            if hidden_T is None:
-                def teacher(rows=rows):
-                    return ids[rows], logprobs[rows]
-            else:
-                def teacher(rows=rows):
-                    return F.linear(hidden_T[rows], weight_T, bias_T)
-            kd_c, ce_c, grad_z = _chunk(spec, student, teacher, v_T,
-                                        None if labels is None else labels[rows], valid[rows],
-                                        need_grad, denom)
-            kd = kd + kd_c
-            if ce_c is not None:
-                ce = ce + ce_c
+            z_S = _linear(h, weight_S, bias_S, buffer_S)  # becomes the gradient, block by block
+            z_T = None if hidden_T is None else _linear(hidden_T[rows], weight_T, bias_T,
+                                                        buffer_T)
+            m = h.shape[0]
+            for first in range(0, m, block):
+                last = min(first + block, m)  # a block never crosses into the next chunk
+                sub, token = slice(first, last), slice(start + first, start + last)
+                if z_T is None:
+                    def teacher(token=token):
+                        return ids[token], logprobs[token]
+                else:
+                    def teacher(sub=sub):
+                        return z_T[sub]
+                kd_c, ce_c, grad_c = _chunk(spec, [_up(z_S[sub])], teacher, v_T,
+                                            None if labels is None else labels[token],
+                                            valid[token], need_grad, denom)
+                kd = kd + kd_c
+                if ce_c is not None:
+                    ce = ce + ce_c
+                if need_grad:  # these rows' logits are used up: their memory takes the
+                    z_S[sub] = grad_c  # gradient, cast to the logits' dtype
+            z_T = None  # the teacher's logits are used up (freed here without a buffer)
             if not need_grad:
                 continue
             # In the logits' dtype, so the matmuls run like the forward one (bf16 under
             # autocast) and dtypes match without autocast.
-            grad_z = grad_z.to(logits_dtype)
+            grad_z = z_S
             if need_h:
                 grad_h[rows] = grad_z @ weight_S.to(grad_z.dtype)
             if need_w:
