@@ -2,7 +2,7 @@
 
 A **teacher source** answers one question for a batch: the teacher's top-k next-token
 distribution at each position. Its answer, :data:`rows <TeacherRows>`, has the layout of
-:meth:`textbrewer.cache.TeacherCache.lookup` (``topk_ids`` (B, L, k) int64,
+:meth:`~textbrewer.cache.reader.TeacherCache.lookup` (``topk_ids`` (B, L, k) int64,
 ``topk_logprobs`` (B, L, k) float32 at temperature 1, ``tail_mass`` (B, L) float32,
 ``mask`` (B, L) bool), so that every LM distiller trains from any source the way it
 trains from a cache: ``model_T=None`` and batches from :class:`TeacherSourceCollator`.

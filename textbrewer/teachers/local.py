@@ -129,7 +129,9 @@ class CacheThenLiveTeacher(TeacherSource):
         index_key: the examples' index field.
 
     Attributes:
-        hits, misses, written: counts so far (examples).
+        hits: examples found in the cache or among the written-back rows so far.
+        misses: examples the live teacher computed so far.
+        written: examples written back so far.
     """
 
     def __init__(self, cache: Any, live: TeacherSource, write_back: bool = False,
