@@ -617,3 +617,35 @@ def test_a_window_without_a_step_leaves_no_taid_loss_behind(tmp_path):
     distiller._taid_window = torch.tensor(5.0)  # what the short window left
     distiller.prepare_window([])
     assert distiller._taid_window is None
+
+
+def _gpt2_with_eos(eos, positions=64, seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=positions, n_embd=8,
+                                      n_layer=1, n_head=2, eos_token_id=eos, bos_token_id=eos))
+
+
+def test_on_policy_start_checks_the_end_of_sequence_and_the_room(tmp_path):
+    """Before any generation: the generation's EOS is the student's, both models end with
+    the same token, and the student has room for a prompt; a default EOS outside the
+    vocabulary (GPT-2's 50256 in a 32-token model) names nothing."""
+    def build(student, teacher, **options):
+        return CausalLMDistiller(
+            TrainingConfig(device="cpu", output_dir=str(tmp_path), log_dir=None),
+            DistillationConfig(temperature=1.0), model_T=teacher, model_S=student,
+            lm_config=LMDistillationConfig(lmbda=0.5, **options))
+    with pytest.raises(ValueError, match=r"the student ends sequences with token \[5\] and "
+                                         r"the teacher with \[6\]"):
+        build(_gpt2_with_eos(5), _gpt2_with_eos(6))
+    with pytest.raises(ValueError, match=r"eos_token_id=7 but the student's config ends "
+                                         r"sequences with \[5\]"):
+        build(_gpt2_with_eos(5), _gpt2_with_eos(5), eos_token_id=7)
+    with pytest.raises(ValueError, match=r"max_new_tokens=64 leaves no room for a prompt in "
+                                         r"the student's 64 positions"):
+        build(_gpt2_with_eos(5), _gpt2_with_eos(5), max_new_tokens=64, eos_token_id=5)
+    build(_gpt2_with_eos(5), _gpt2_with_eos(5), eos_token_id=5)
+    build(_gpt2_with_eos(50256), _gpt2_with_eos(6), eos_token_id=3)  # outside: not checked
+    # off-policy runs generate nothing: nothing to check
+    CausalLMDistiller(TrainingConfig(device="cpu", output_dir=str(tmp_path), log_dir=None),
+                      DistillationConfig(temperature=1.0), model_T=_gpt2_with_eos(6),
+                      model_S=_gpt2_with_eos(5))
