@@ -649,3 +649,42 @@ def test_on_policy_start_checks_the_end_of_sequence_and_the_room(tmp_path):
     CausalLMDistiller(TrainingConfig(device="cpu", output_dir=str(tmp_path), log_dir=None),
                       DistillationConfig(temperature=1.0), model_T=_gpt2_with_eos(6),
                       model_S=_gpt2_with_eos(5))
+
+
+def test_on_policy_telemetry_counts_the_generated_tokens_and_the_ends(tmp_path):
+    """Per step, for the student-generated rows: their mean generated length and the share
+    that reached the EOS, counted from the batches the student generated; in TensorBoard
+    as on_policy/generated_length and on_policy/eos_rate."""
+    from textbrewer.logs import read_scalars
+    student, teacher = _gpt2_with_eos(5, seed=1), _gpt2_with_eos(5, seed=2)
+    config = LMDistillationConfig(lmbda=1.0, eos_token_id=5, max_new_tokens=6, seed=3,
+                                  top_k=8)
+    distiller = CausalLMDistiller(
+        TrainingConfig(device="cpu", output_dir=str(tmp_path / "a"), log_dir=None),
+        DistillationConfig(temperature=1.0), model_T=teacher, model_S=student,
+        lm_config=config)
+    prompts = {"input_ids": torch.tensor([[7, 8, 9], [10, 11, 12], [13, 14, 15]]),
+               "labels": torch.full((3, 3), -100)}
+    with distiller:  # generation runs on the started distiller's runtime
+        generated = [distiller.generated_batch(student, prompts, seed) for seed in (0, 1)]
+        for batch in generated:
+            distiller._record_generation(batch)
+    tokens = sum(int((b["labels"] != -100).sum()) for b in generated)
+    ended = sum(int((b["labels"] == 5).any(1).sum()) for b in generated)
+    values = distiller.observed_values()
+    assert values["on_policy/generated_length"] == tokens / 6
+    assert values["on_policy/eos_rate"] == ended / 6
+    assert "on_policy/generated_length" not in distiller.observed_values()  # read once
+    # a real run writes them to TensorBoard once per optimizer step
+    run = CausalLMDistiller(
+        TrainingConfig(device="cpu", output_dir=str(tmp_path / "b"),
+                       log_dir=str(tmp_path / "tb")),
+        DistillationConfig(temperature=1.0), model_T=teacher, model_S=student,
+        lm_config=config)
+    with run:
+        run.train(torch.optim.SGD(student.parameters(), lr=0.1), [prompts] * 3, num_steps=3)
+    scalars = read_scalars(str(tmp_path / "tb"))
+    lengths = [value for _, value in scalars["scalar/on_policy/generated_length"]]
+    rates = [value for _, value in scalars["scalar/on_policy/eos_rate"]]
+    assert len(lengths) == len(rates) == 3
+    assert all(1 <= length <= 6 for length in lengths) and all(0 <= r <= 1 for r in rates)

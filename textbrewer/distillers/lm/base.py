@@ -106,6 +106,8 @@ class LMDistillerBase(BasicDistiller):
             lm_config.taid_t_start, lm_config.taid_t_end, lm_config.taid_alpha,
             lm_config.taid_beta, lm_config.taid_schedule)
         self._taid_window: Optional[torch.Tensor] = None  # the window's TAID loss so far
+        # (generated tokens, rows, rows that reached the EOS) since the last telemetry read
+        self._generated: Optional[Tuple[int, int, int]] = None
         self.head_S = output_head(model_S, lm_head_S)
         self.head_T = None if model_T is None else output_head(model_T, lm_head_T)
         self.vocab_size_S = vocab_size(model_S, self.head_S)
@@ -313,8 +315,27 @@ class LMDistillerBase(BasicDistiller):
             self.taid.reset()
         self._taid_window = None
 
+    def _record_generation(self, batch: Mapping) -> None:
+        """Counts a student-generated batch for the step's telemetry: its generated tokens
+        (the targets, host tensors: no device sync) and the rows that reached the EOS."""
+        labels = batch["labels"]
+        targets = labels != self.lm_config.ignore_index
+        eos = self.lm_config.eos_token_id
+        ended = int((labels == eos).any(1).sum()) if eos is not None else 0
+        tokens, rows, ends = self._generated or (0, 0, 0)
+        self._generated = (tokens + int(targets.sum()), rows + labels.shape[0], ends + ended)
+
     def observed_values(self) -> Dict[str, Any]:
+        """The step's values for TensorBoard: TAID's t, the off-policy probability, and for
+        the student-generated rows since the last call their mean generated length and the
+        share that ended with the EOS (``on_policy/...``)."""
         values = super().observed_values()
+        generated, self._generated = self._generated, None
+        if generated is not None:
+            tokens, rows, ends = generated
+            values["on_policy/generated_length"] = tokens / max(rows, 1)
+            if self.lm_config.eos_token_id is not None:
+                values["on_policy/eos_rate"] = ends / max(rows, 1)
         if self.taid is not None:
             values["taid_t"] = self.taid.t
         if self.off_policy_schedule is not None:
@@ -380,6 +401,8 @@ class LMDistillerBase(BasicDistiller):
                 with self.sampler.verifying(verifier):
                     student_batch = teacher_batch = self.generated_batch(model, student_batch,
                                                                          seed)
+                if on_policy:
+                    self._record_generation(student_batch)
                 separate = False
         labels = alignment.labels(student_batch)
         aligned, valid = alignment.aligned_targets(student_batch, labels)
