@@ -63,7 +63,6 @@ import copy
 import importlib
 import inspect
 import io
-import math
 import os
 import pkgutil
 import sys
@@ -83,6 +82,7 @@ from textbrewer import (CausalLMDistiller, DistillationConfig,  # noqa: E402
 from textbrewer.cache import (CachedTeacherCollator, IndexedDataset,  # noqa: E402
                               TeacherCache, write_teacher_cache)
 from textbrewer.distillers.lm.config import LM_DIVERGENCES  # noqa: E402
+from textbrewer.job.run import perplexity as next_token_perplexity  # noqa: E402
 from textbrewer.utils import count_parameters  # noqa: E402
 
 try:
@@ -221,20 +221,11 @@ def train_loader(blocks: torch.Tensor, batch_size: int, seed: int,
     return common.shuffled(examples, batch_size, seed, collate_fn, drop_last=True)
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, blocks: torch.Tensor, device: torch.device,
                batch_size: int = 64) -> float:
-    """exp(mean next-byte cross-entropy) over every predicted position of ``blocks``."""
-    loss_sum, count = 0.0, 0
-    with common.evaluating(model):
-        for start in range(0, blocks.size(0), batch_size):
-            ids = blocks[start:start + batch_size].to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()  # position t predicts t + 1
-            loss_sum += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
-                reduction="sum").item()
-            count += ids[:, 1:].numel()
-    return math.exp(loss_sum / max(count, 1))
+    """exp(mean next-byte cross-entropy) over every predicted position of ``blocks``
+    (:func:`textbrewer.job.run.perplexity`, what ``textbrewer distill`` scores with)."""
+    return next_token_perplexity(model, blocks, device, batch_size)["perplexity"]
 
 
 @torch.no_grad()

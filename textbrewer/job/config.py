@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -181,19 +182,16 @@ def _valid_keys(node_type: Any) -> List[str]:
 
 
 def _spec_at(key: str) -> Any:
-    """The dataclass holding ``key``'s last part (``training.stepz`` -> TrainingSpec)."""
+    """The dataclass holding ``key``'s last part (``training.stepz`` -> TrainingSpec), read
+    from the schema's field types (``Optional[X]`` -> X)."""
     node: Any = JobConfig
     for part in key.split(".")[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(
-            node) else {}
-        if part not in fields:
+        hint = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+        inner = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = inner[0] if typing.get_origin(hint) is typing.Union and inner else hint
+        if not dataclasses.is_dataclass(hint):
             return node
-        annotation = {"student": ModelSpec, "teacher": ModelSpec, "data": DataSpec,
-                      "loss": LossSpec, "cache": CacheSpec, "training": TrainingSpec,
-                      "output": OutputSpec, "lora": LoraSpec}.get(part)
-        if annotation is None:
-            return node
-        node = annotation
+        node = hint
     return node
 
 

@@ -71,9 +71,9 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, device: torch.device,
 
 
 def _check_vocabulary(name: str, model: nn.Module, tokenizer: Tokenizer) -> None:
-    size = model.get_output_embeddings().weight.shape[0] if hasattr(
-        model, "get_output_embeddings") and model.get_output_embeddings() is not None \
-        else getattr(model.config, "vocab_size", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    size = head.weight.shape[0] if head is not None else getattr(model.config, "vocab_size",
+                                                                 None)
     if size is not None and size < tokenizer.vocab_size:
         raise ConfigError(f"{name}: its vocabulary has {size} entries but the tokenizer "
                           f"({tokenizer.description}) makes ids up to {tokenizer.vocab_size - 1}"

@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["TeacherSource", "TeacherRows", "TeacherSourceCollator", "check_rows", "ROW_KEYS"]
+__all__ = ["TeacherSource", "TeacherRows", "TeacherSourceCollator", "check_rows", "ROW_KEYS",
+           "empty_rows", "row_lengths"]
 
 #: what every source returns (see the module docstring)
 TeacherRows = Dict[str, torch.Tensor]
@@ -40,6 +41,22 @@ class TeacherSource:
 
     def rows(self, batch: Mapping, examples: Sequence[Mapping]) -> TeacherRows:
         raise NotImplementedError
+
+
+def empty_rows(size: int, length: int, k: int) -> TeacherRows:
+    """Rows for a (size, length) batch with no position filled: id 0, log-prob 0, tail 0,
+    ``mask`` False (the cache's lookup fills missing positions the same way)."""
+    return {"topk_ids": torch.zeros(size, length, k, dtype=torch.int64),
+            "topk_logprobs": torch.zeros(size, length, k, dtype=torch.float32),
+            "tail_mass": torch.zeros(size, length, dtype=torch.float32),
+            "mask": torch.zeros(size, length, dtype=torch.bool)}
+
+
+def row_lengths(batch: Mapping) -> List[int]:
+    """Each right-padded row's length: its ``attention_mask`` sum, else the full width."""
+    size, length = batch["input_ids"].shape
+    mask = batch.get("attention_mask")
+    return [int(n) for n in mask.sum(1)] if mask is not None else [length] * size
 
 
 def check_rows(rows: Mapping, batch: Mapping, k: int, where: str) -> None:

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .base import TeacherRows, TeacherSource
+from .base import TeacherRows, TeacherSource, empty_rows
 from .served import EMPTY_LOGPROB
 
 __all__ = ["MixtureTeacher", "RoutedTeacher"]
@@ -131,10 +131,7 @@ class RoutedTeacher(TeacherSource):
                 raise ValueError(f"example {row} of the batch has {self.key}={value!r}; the "
                                  f"sources are {sorted(self.sources)}")
             routes.setdefault(value, []).append(row)
-        out = {"topk_ids": torch.zeros(size, length, self.k, dtype=torch.int64),
-               "topk_logprobs": torch.zeros(size, length, self.k, dtype=torch.float32),
-               "tail_mass": torch.zeros(size, length, dtype=torch.float32),
-               "mask": torch.zeros(size, length, dtype=torch.bool)}
+        out = empty_rows(size, length, self.k)
         for value, chosen in routes.items():
             sub = {name: tensor[chosen] for name, tensor in batch.items()
                    if isinstance(tensor, torch.Tensor) and tensor.shape[:1] == (size,)}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_save
-from .base import TeacherRows, TeacherSource
+from .base import ROW_KEYS, TeacherRows, TeacherSource, empty_rows, row_lengths
 
 __all__ = ["LocalTeacher", "CachedTeacherSource", "CacheThenLiveTeacher"]
 
@@ -50,11 +50,8 @@ class LocalTeacher(TeacherSource):
     @torch.no_grad()
     def rows(self, batch: Mapping, examples: Sequence[Mapping] = ()) -> TeacherRows:
         from ..cache.writer import _top_k_rows, _valid_positions
-        ids = batch["input_ids"]
-        size, length = ids.shape
-        mask = batch.get("attention_mask")
-        lengths = (mask.sum(1).tolist() if mask is not None else [length] * size)
-        valid = _valid_positions(dict(batch), [int(n) for n in lengths], self.positions)
+        size, length = batch["input_ids"].shape
+        valid = _valid_positions(dict(batch), row_lengths(batch), self.positions)
         inputs = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
                   for key, value in batch.items() if key in ("input_ids", "attention_mask")}
         was_training = self.model.training
@@ -145,45 +142,44 @@ class CacheThenLiveTeacher(TeacherSource):
         self.folder = os.path.join(os.fspath(cache.path), "live_rows")
         self.hits = self.misses = self.written = 0
 
-    def _cached(self, index: int, ids: torch.Tensor) -> bool:
+    def _cached(self, index: int, ids: torch.Tensor, length: int
+                ) -> Optional[Dict[str, torch.Tensor]]:
+        """The cache's rows of example ``index`` padded to ``length`` (1, length, ...), or
+        None when the cache lacks it or holds other ids for it."""
         if not 0 <= index < len(self.cache):
-            return False
+            return None
         try:
-            self.cache.lookup(torch.tensor([index]), input_ids=ids[None])
+            return self.cache.lookup(torch.tensor([index]), input_ids=ids[None], pad_to=length)
         except ValueError:  # the ids differ from the cached example's
-            return False
-        return True
+            return None
 
-    def _saved(self, index: int, ids: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+    def _saved(self, index: int, ids: torch.Tensor, length: int
+               ) -> Optional[Dict[str, torch.Tensor]]:
+        """The written-back rows of example ``index`` padded to ``length``, or None."""
         path = os.path.join(self.folder, f"{index}.pt")
         if not os.path.exists(path):
             return None
         saved = torch.load(path, weights_only=True)
-        return saved if torch.equal(saved["input_ids"], ids) else None
+        if not torch.equal(saved["input_ids"], ids):
+            return None
+        return {key: _padded(saved[key], length) for key in ROW_KEYS}
 
     def rows(self, batch: Mapping, examples: Sequence[Mapping]) -> TeacherRows:
         indices = _indices(examples, self.index_key, "CacheThenLiveTeacher")
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        ids = batch["input_ids"]
         size, length = ids.shape
-        lengths = [int(n) for n in (mask.sum(1) if mask is not None
-                                    else torch.full((size,), length))]
-        out = {"topk_ids": torch.zeros(size, length, self.k, dtype=torch.int64),
-               "topk_logprobs": torch.zeros(size, length, self.k, dtype=torch.float32),
-               "tail_mass": torch.zeros(size, length, dtype=torch.float32),
-               "mask": torch.zeros(size, length, dtype=torch.bool)}
+        lengths = row_lengths(batch)
+        out = empty_rows(size, length, self.k)
         live_rows = []
         for row, index in enumerate(indices):
             own = ids[row, :lengths[row]]
-            if self._cached(index, own):
-                found = self.cache.lookup(torch.tensor([index]), pad_to=length)
-                self.hits += 1
-            else:
-                found = self._saved(index, own)
-                if found is None:
-                    live_rows.append(row)
-                    continue
-                found = {key: _padded(found[key], length) for key in out}
-                self.hits += 1
+            found = self._cached(index, own, length)
+            if found is None:
+                found = self._saved(index, own, length)
+            if found is None:
+                live_rows.append(row)
+                continue
+            self.hits += 1
             for key in out:
                 out[key][row] = found[key][0]
         if live_rows:

@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import torch
 
-from .base import TeacherRows, TeacherSource
+from .base import TeacherRows, TeacherSource, empty_rows, row_lengths
 
 __all__ = ["ServedTeacher", "ServedTeacherError"]
 
@@ -216,17 +215,12 @@ class ServedTeacher(TeacherSource):
     def rows(self, batch: Mapping, examples: Sequence[Mapping] = ()) -> TeacherRows:
         """The rows of a batch's right-padded ``input_ids`` (B, L) (and ``attention_mask``);
         one request per example."""
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        ids = batch["input_ids"]
         size, length = ids.shape
-        lengths = [int(n) for n in (mask.sum(1) if mask is not None
-                                    else torch.full((size,), length))]
-        prompts = [ids[row, :lengths[row]].tolist() for row in range(size)]
+        prompts = [ids[row, :n].tolist() for row, n in enumerate(row_lengths(batch))]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             answers = list(pool.map(self._ask, prompts))
-        out = {"topk_ids": torch.zeros(size, length, self.k, dtype=torch.int64),
-               "topk_logprobs": torch.zeros(size, length, self.k, dtype=torch.float32),
-               "tail_mass": torch.zeros(size, length, dtype=torch.float32),
-               "mask": torch.zeros(size, length, dtype=torch.bool)}
+        out = empty_rows(size, length, self.k)
         for row, (answer, prompt) in enumerate(zip(answers, prompts)):
             for position, entry in enumerate(self._positions(answer, prompt)):
                 best = sorted(entry.items(), key=lambda item: -item[1])[:self.k]

@@ -17,7 +17,8 @@ from ..basic import BasicDistiller
 from ..composer import check_same_device
 from .alignment import CausalAlignment, PreparedBatch, cached_topk
 from .config import LMDistillationConfig
-from .generation import AdaptiveOffPolicySchedule, Sampler
+from .generation import (AdaptiveOffPolicySchedule, Sampler, check_end_of_sequence,
+                         check_generation_options)
 from .heads import (call_model, check_fused_head, head_bias, hidden_before_head, logits_of,
                     output_head, vocab_size)
 
@@ -91,7 +92,8 @@ class LMDistillerBase(BasicDistiller):
                 raise ValueError(f"token_alignment={lm_config.token_alignment!r} needs a "
                                  f"live teacher (model_T is None; a teacher cache is kept "
                                  f"in the teacher's own token positions)")
-        self._check_generation_options(lm_config, model_T, off_policy_schedule)
+        check_generation_options(lm_config, model_T, off_policy_schedule,
+                                 self.alignment_class.shifts_labels, type(self).__name__)
         if vocabulary_map is not None and lm_config.token_alignment != "span":
             raise ValueError(f"vocabulary_map is used by token_alignment='span' only, got "
                              f"token_alignment={lm_config.token_alignment!r}")
@@ -114,7 +116,8 @@ class LMDistillerBase(BasicDistiller):
         self.vocab_size_T = None if model_T is None else vocab_size(model_T, self.head_T)
         self.vocabulary_map = self._checked_map(vocabulary_map)
         self._check_vocabularies()
-        self._check_end_of_sequence(lm_config, off_policy_schedule)
+        check_end_of_sequence(lm_config, off_policy_schedule, self.model_S, self.model_T,
+                              self.vocab_size_S, self.vocab_size_T)
         self.path = self._resolve_path()
         self._fused_checked = False
 
@@ -138,64 +141,6 @@ class LMDistillerBase(BasicDistiller):
         return self.alignment.shifts_labels
 
     # setup -----------------------------------------------------------------------------------
-    def _eos_ids(self, model: Optional[nn.Module], vocab: Optional[int]) -> set:
-        """The EOS ids a model's ``config`` names, inside its vocabulary (a default left
-        over from another vocabulary, GPT-2's 50256 in a 64-token model, names nothing)."""
-        value = getattr(getattr(model, "config", None), "eos_token_id", None)
-        ids = value if isinstance(value, (list, tuple)) else [value]
-        return {int(i) for i in ids if isinstance(i, int) and (vocab is None or 0 <= i < vocab)}
-
-    def _check_end_of_sequence(self, config: LMDistillationConfig,
-                               schedule: Optional[AdaptiveOffPolicySchedule]) -> None:
-        """Before any generation: the generation's EOS is one the student ends with, and the
-        teacher ends sequences with the same token (a teacher that scores text past the
-        student's end of turn is behind the on-policy collapse users report); the student
-        can hold its prompt and ``max_new_tokens``."""
-        if not (config.lmbda > 0 or config.seq_kd or schedule is not None):
-            return
-        eos_S = self._eos_ids(self.model_S, self.vocab_size_S)
-        eos_T = self._eos_ids(self.model_T, self.vocab_size_T)
-        if config.eos_token_id is not None and eos_S and config.eos_token_id not in eos_S:
-            raise ValueError(f"LMDistillationConfig.eos_token_id={config.eos_token_id} but the "
-                             f"student's config ends sequences with {sorted(eos_S)}: generation "
-                             f"would not stop where the student's text ends; set eos_token_id "
-                             f"to the student's")
-        if eos_S and eos_T and not eos_S & eos_T:
-            raise ValueError(f"the student ends sequences with token {sorted(eos_S)} and the "
-                             f"teacher with {sorted(eos_T)}: on student-generated batches the "
-                             f"teacher would score text past its own end of sequence; give "
-                             f"both models the same tokenizer and EOS")
-        positions = getattr(getattr(self.model_S, "config", None), "n_positions", None) or \
-            getattr(getattr(self.model_S, "config", None), "max_position_embeddings", None)
-        if isinstance(positions, int) and config.max_new_tokens >= positions:
-            raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a "
-                             f"prompt in the student's {positions} positions")
-
-    def _check_generation_options(self, config: LMDistillationConfig, model_T: Optional[nn.Module],
-                                  schedule: Optional[AdaptiveOffPolicySchedule]) -> None:
-        """The off-policy schedule and Speculative KD, checked against the rest."""
-        if schedule is not None:
-            if not isinstance(schedule, AdaptiveOffPolicySchedule):
-                raise TypeError(f"off_policy_schedule must be an AdaptiveOffPolicySchedule, "
-                                f"got {type(schedule).__name__}")
-            if model_T is None:
-                raise ValueError("off_policy_schedule (student-generated batches) needs a live "
-                                 "teacher to score the student's samples, but model_T is None")
-            if config.token_alignment is not None:
-                raise ValueError(f"off_policy_schedule with token_alignment="
-                                 f"{config.token_alignment!r} is not supported: generated "
-                                 f"tokens would have to be re-tokenised for the teacher")
-        if config.speculative_top_k is not None:
-            if config.lmbda == 0 and schedule is None:
-                raise ValueError(f"speculative_top_k={config.speculative_top_k} verifies the "
-                                 f"student's generations, but no batch is student-generated: "
-                                 f"set lmbda > 0 or pass off_policy_schedule=")
-            if not self.alignment_class.shifts_labels:
-                raise ValueError(f"speculative_top_k is for causal LMs; {type(self).__name__} "
-                                 f"is not one")
-            if model_T is None:
-                raise ValueError("speculative_top_k needs a live teacher (model_T is None)")
-
     def _checked_map(self, vocabulary_map: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The span mode's map (V_T,), checked against both vocabularies."""
         if self.lm_config.token_alignment != "span":

@@ -26,7 +26,8 @@ from ...training.batches import forward_model
 from .config import LMDistillationConfig
 from .heads import logits_of
 
-__all__ = ["Sampler", "AdaptiveOffPolicySchedule", "speculative_replace"]
+__all__ = ["Sampler", "AdaptiveOffPolicySchedule", "speculative_replace",
+           "check_generation_options", "check_end_of_sequence"]
 
 
 def speculative_replace(proposed: torch.Tensor, teacher_logits: torch.Tensor, top_k: int, *,
@@ -408,3 +409,70 @@ class Sampler:
         result = {key: value for key, value in batch.items() if key not in skip}
         result["labels"] = labels
         return result
+
+
+# ---------------------------------------------------------------------------------------
+# checks made when a distiller is built, before anything is generated
+# ---------------------------------------------------------------------------------------
+def check_generation_options(config: LMDistillationConfig, model_T: Optional[nn.Module],
+                             schedule: Optional["AdaptiveOffPolicySchedule"], causal: bool,
+                             distiller: str) -> None:
+    """The off-policy schedule and Speculative KD, checked against the rest of the set-up
+    (``causal``: the distiller's logits at t predict t + 1; ``distiller``: its name)."""
+    if schedule is not None:
+        if not isinstance(schedule, AdaptiveOffPolicySchedule):
+            raise TypeError(f"off_policy_schedule must be an AdaptiveOffPolicySchedule, "
+                            f"got {type(schedule).__name__}")
+        if model_T is None:
+            raise ValueError("off_policy_schedule (student-generated batches) needs a live "
+                             "teacher to score the student's samples, but model_T is None")
+        if config.token_alignment is not None:
+            raise ValueError(f"off_policy_schedule with token_alignment="
+                             f"{config.token_alignment!r} is not supported: generated "
+                             f"tokens would have to be re-tokenised for the teacher")
+    if config.speculative_top_k is not None:
+        if config.lmbda == 0 and schedule is None:
+            raise ValueError(f"speculative_top_k={config.speculative_top_k} verifies the "
+                             f"student's generations, but no batch is student-generated: "
+                             f"set lmbda > 0 or pass off_policy_schedule=")
+        if not causal:
+            raise ValueError(f"speculative_top_k is for causal LMs; {distiller} is not one")
+        if model_T is None:
+            raise ValueError("speculative_top_k needs a live teacher (model_T is None)")
+
+
+def _eos_ids(model: Optional[nn.Module], vocab: Optional[int]) -> set:
+    """The EOS ids a model's ``config`` names, inside its vocabulary (a default left over
+    from another vocabulary, GPT-2's 50256 in a 64-token model, names nothing)."""
+    value = getattr(getattr(model, "config", None), "eos_token_id", None)
+    ids = value if isinstance(value, (list, tuple)) else [value]
+    return {int(i) for i in ids if isinstance(i, int) and (vocab is None or 0 <= i < vocab)}
+
+
+def check_end_of_sequence(config: LMDistillationConfig,
+                          schedule: Optional["AdaptiveOffPolicySchedule"],
+                          model_S: nn.Module, model_T: Optional[nn.Module],
+                          vocab_S: Optional[int], vocab_T: Optional[int]) -> None:
+    """For runs that generate: the generation's EOS is one the student ends with, and the
+    teacher ends sequences with the same token (a teacher that scores text past the
+    student's end of turn is behind the on-policy collapse users report); the student can
+    hold its prompt and ``max_new_tokens``."""
+    if not (config.lmbda > 0 or config.seq_kd or schedule is not None):
+        return
+    eos_S, eos_T = _eos_ids(model_S, vocab_S), _eos_ids(model_T, vocab_T)
+    if config.eos_token_id is not None and eos_S and config.eos_token_id not in eos_S:
+        raise ValueError(f"LMDistillationConfig.eos_token_id={config.eos_token_id} but the "
+                         f"student's config ends sequences with {sorted(eos_S)}: generation "
+                         f"would not stop where the student's text ends; set eos_token_id "
+                         f"to the student's")
+    if eos_S and eos_T and not eos_S & eos_T:
+        raise ValueError(f"the student ends sequences with token {sorted(eos_S)} and the "
+                         f"teacher with {sorted(eos_T)}: on student-generated batches the "
+                         f"teacher would score text past its own end of sequence; give "
+                         f"both models the same tokenizer and EOS")
+    model_config = getattr(model_S, "config", None)
+    positions = getattr(model_config, "n_positions", None) or \
+        getattr(model_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and config.max_new_tokens >= positions:
+        raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a "
+                         f"prompt in the student's {positions} positions")
