@@ -612,8 +612,8 @@ def test_a_window_without_a_step_leaves_no_taid_loss_behind(tmp_path):
     from textbrewer.distillers.lm import CausalLMDistiller
     distiller = CausalLMDistiller(
         TrainingConfig(device="cpu", output_dir=str(tmp_path), log_dir=None),
-        DistillationConfig(temperature=1.0), model_T=None, model_S=torch.nn.Linear(2, 2),
-        lm_config=LMDistillationConfig(divergence="taid"))
+        DistillationConfig(temperature=1.0), model_T=torch.nn.Linear(2, 2),
+        model_S=torch.nn.Linear(2, 2), lm_config=LMDistillationConfig(divergence="taid"))
     distiller._taid_window = torch.tensor(5.0)  # what the short window left
     distiller.prepare_window([])
     assert distiller._taid_window is None

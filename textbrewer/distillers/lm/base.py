@@ -78,6 +78,8 @@ class LMDistillerBase(BasicDistiller):
         if model_T is not None and not isinstance(model_T, nn.Module):
             raise TypeError(f"model_T must be a torch.nn.Module or None (training from a "
                             f"teacher cache), got {type(model_T).__name__}")
+        if model_T is None:  # every batch brings cached teacher rows: a top-k teacher
+            lm_config.check_topk_teacher("model_T is None: cached teacher rows")
         if model_T is None and lm_config.seq_kd:
             raise ValueError("seq_kd=True needs a teacher to generate, but model_T is None")
         if model_T is None and lm_config.lmbda > 0:
@@ -188,7 +190,7 @@ class LMDistillerBase(BasicDistiller):
         heads = self.head_S is not None and (self.model_T is None or self.head_T is not None)
         adaptors = self.adaptor_S is not None or self.adaptor_T is not None
         compiled = self.t_config.compile is not False
-        live_topk = self.lm_config.divergence == "topk_kl"
+        live_topk = self.lm_config.topk is not None and self.model_T is not None
         if self.lm_config.divergence in OBJECTIVES:  # the config refuses 'fused' for them
             return "chunked" if requested == "auto" else requested
         if requested == "fused":
@@ -205,7 +207,7 @@ class LMDistillerBase(BasicDistiller):
                 problems.append("TrainingConfig.compile is on (the fused path swaps the head "
                                 "for a capture during the forward pass)")
             if live_topk:
-                problems.append("divergence='topk_kl' against a live teacher needs the "
+                problems.append("topk (a live teacher cut to its top k) needs the "
                                 "teacher's logits")
             if problems:
                 raise ValueError("path='fused' is not possible: " + "; ".join(problems))
@@ -484,8 +486,8 @@ class LMDistillerBase(BasicDistiller):
                        kd_weight=kd_weight, ce_weight=ce_weight,
                        ignore_index=config.ignore_index, num_tokens=self.window_tokens,
                        vocab_alignment=config.vocab_alignment, return_dict=True)
-        if topk is not None:
-            options["divergence"] = "topk_kl"
+        if topk is not None:  # names the config's options, not the loss function's
+            config.check_topk_teacher("the batch's cached teacher rows")
         if self_teacher:
             options.update(divergence="forward_kl", vocab_alignment=None)
         run_teacher = not self_teacher and topk is None
@@ -519,7 +521,7 @@ class LMDistillerBase(BasicDistiller):
                 with torch.no_grad():
                     logits_T = self._run_logits(self._teacher_forwards, self.adaptor_T,
                                                 teacher_inputs, args, "teacher")
-                if config.divergence == "topk_kl":
+                if config.topk is not None:
                     logits_T = self._live_topk(logits_T)
             elif self_teacher:
                 logits_T = logits_S.detach()

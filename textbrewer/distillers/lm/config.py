@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ...configurations import Config
-from ...losses.token import DIVERGENCES, OBJECTIVES, TAID_SCHEDULES
+from ...losses.token import (DIVERGENCES, OBJECTIVES, TAID_SCHEDULES, TOPK_TAILS,
+                             check_topk_divergence)
 from ...losses.token.cross import CROSS_TOKENIZER_MODES, SPAN_DIVERGENCES
 
 __all__ = ["LMDistillationConfig", "LM_PATHS", "TOPK_TAILS", "VOCAB_ALIGNMENTS",
@@ -18,8 +19,6 @@ LM_DIVERGENCES = DIVERGENCES + OBJECTIVES
 
 #: the loss paths of :class:`~textbrewer.distillers.lm.config.LMDistillationConfig` (``path=``)
 LM_PATHS = ("auto", "dense", "chunked", "fused")
-#: how a top-k teacher's missing mass is treated (``topk_tail=``)
-TOPK_TAILS = ("renormalize", "uniform")
 #: what to do with vocabularies of different sizes (``vocab_alignment=``)
 VOCAB_ALIGNMENTS = (None, "pad", "truncate")
 #: how two tokenizers' tokens are compared (``token_alignment=``)
@@ -37,9 +36,12 @@ class LMDistillationConfig(Config):
     Args:
         divergence: a token divergence of :data:`textbrewer.losses.token.DIVERGENCES`:
             ``'forward_kl'``, ``'reverse_kl'``, ``'jsd'``, ``'skew_kl'``,
-            ``'skew_reverse_kl'``, ``'tv'``, or ``'topk_kl'`` (against the live teacher's
-            top ``topk`` entries). Batches that carry a cached teacher top-k
-            (``batch['teacher_topk']``) always use ``'topk_kl'``.
+            ``'skew_reverse_kl'``, ``'tv'``, or ``'topk_kl'`` (the forward KL against
+            the live teacher's top ``topk`` entries); or an objective of
+            :mod:`textbrewer.losses.token.objectives` (``'taid'``, ``'akl'``). Against a
+            top-k teacher (batches that carry cached teacher rows,
+            ``batch['teacher_topk']``, or ``topk`` set) the divergence is taken against
+            the teacher ``topk_tail`` rebuilds; the objectives need the full teacher.
         beta: β of ``'jsd'`` (0: forward KL, 1: reverse KL).
         alpha: α of ``'skew_kl'`` / ``'skew_reverse_kl'``.
         scale_by_temperature_squared: multiply the KD term by τ² (Hinton); off by default
@@ -75,8 +77,14 @@ class LMDistillationConfig(Config):
             with Speculative KD: each token the student samples is kept when it is in the
             teacher's top K, else replaced by a token sampled from the teacher (Xu et al.,
             ICLR 2025). Causal LMs; the plain sampling loop runs (no ``generate``).
-        topk: entries of the live teacher's top-k for ``divergence='topk_kl'``.
-        topk_tail: ``'renormalize'`` or ``'uniform'`` (see :class:`~textbrewer.losses.token.TopKTeacher`).
+        topk: None, or the live teacher is cut to its k most likely entries per token
+            (as a cache would hold them) before ``divergence`` compares; needed by
+            ``'topk_kl'``.
+        topk_tail: what a top-k teacher does with its missing mass: ``'renormalize'``,
+            ``'uniform'`` or ``'bucket'`` (one "any other id" outcome on both sides; see
+            :class:`~textbrewer.losses.token.TopKTeacher`). The reverse KL (and JSD with
+            β = 1, skew reverse KL with α = 0) is infinite against ``'renormalize'`` and
+            is refused there: ``'bucket'`` is the guard (docs/objectives.md).
         cache_key: the batch key where :class:`~textbrewer.cache.CachedTeacherCollator`
             puts the cached teacher rows.
         lmbda: probability, per batch, that the student generates the continuation of the
@@ -185,7 +193,9 @@ class LMDistillationConfig(Config):
         if self.divergence == "topk_kl" and self.topk is None:
             raise ValueError("divergence='topk_kl' against a live teacher needs topk (the "
                              "number of teacher entries kept per token), got topk=None; "
-                             "batches from a teacher cache use topk_kl whatever divergence is")
+                             "batches from a teacher cache need no topk")
+        if self.topk is not None:
+            self.check_topk_teacher("topk")
         if not (self.generation_temperature > 0 and math.isfinite(self.generation_temperature)):
             raise ValueError(f"generation_temperature must be a finite number > 0, got "
                              f"{self.generation_temperature!r}")
@@ -201,6 +211,22 @@ class LMDistillationConfig(Config):
                              f"{self.token_alignment!r}")
         if self.token_alignment is not None:
             self._check_cross_tokenizer()
+
+    def check_topk_teacher(self, why: str) -> None:
+        """Raises unless ``divergence`` can be taken against a top-k teacher (``why`` says
+        where that teacher comes from: ``'topk'`` or a cache)."""
+        if self.divergence in OBJECTIVES:
+            raise ValueError(f"divergence={self.divergence!r} needs the teacher's full "
+                             f"logits, not a top-k teacher ({why}); use one of "
+                             f"{[d for d in DIVERGENCES]} against a top-k teacher")
+        if self.token_alignment is not None:
+            raise ValueError(f"token_alignment={self.token_alignment!r} needs the teacher's "
+                             f"full logits, not a top-k teacher ({why})")
+        try:
+            check_topk_divergence(self.divergence, self.topk_tail, self.beta, self.alpha)
+        except ValueError as error:
+            raise ValueError(f"{error} (LMDistillationConfig.topk_tail; the top-k teacher: "
+                             f"{why})") from None
 
     def _check_cross_tokenizer(self) -> None:
         mode = self.token_alignment

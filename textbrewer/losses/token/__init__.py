@@ -54,7 +54,8 @@ from .paths import count_valid_tokens  # noqa: F401
 from .registered import (forward_kl_loss, jsd_loss, reverse_kl_loss,  # noqa: F401
                          skew_kl_loss, skew_reverse_kl_loss, token_jsd_loss,
                          token_reverse_kl_loss, topk_kl_loss, tv_loss)
-from .spec import DIVERGENCES, TopKTeacher  # noqa: F401
+from .spec import (DIVERGENCES, TOPK_TAIL_FLOOR, TOPK_TAILS, TopKTeacher,  # noqa: F401
+                   check_topk_divergence)
 from .objectives import (OBJECTIVES, TAID_SCHEDULES, TAIDSchedule, akl_loss,  # noqa: F401
                          akl_weights, distillm2_loss, taid_loss)
 from .registered import akl_token_loss, taid_token_loss  # noqa: F401
@@ -62,7 +63,8 @@ from .registered import akl_token_loss, taid_token_loss  # noqa: F401
 __all__ = ["TopKTeacher", "TokenDistillationLoss", "token_distillation_loss",
            "fused_token_distillation_loss", "count_valid_tokens", "forward_kl_loss",
            "token_reverse_kl_loss", "token_jsd_loss", "skew_kl_loss", "skew_reverse_kl_loss",
-           "tv_loss", "topk_kl_loss", "DIVERGENCES",
+           "tv_loss", "topk_kl_loss", "DIVERGENCES", "TOPK_TAILS", "TOPK_TAIL_FLOOR",
+           "check_topk_divergence",
            "OBJECTIVES", "TAID_SCHEDULES", "TAIDSchedule", "taid_loss", "akl_loss", "akl_weights",
            "distillm2_loss", "taid_token_loss", "akl_token_loss",
            "reverse_kl_loss", "jsd_loss"]  # the last two: aliases kept for old imports

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from ...registry import TOKEN_LOSSES
 
-from .spec import (DEFAULT_FUSED_CHUNK_SIZE, DIVERGENCES, TokenCount, TopKTeacher, _make_spec)
+from .spec import (DEFAULT_FUSED_CHUNK_SIZE, DIVERGENCES, TokenCount, TopKTeacher,
+                   _against_topk, _make_spec)
 from .paths import (_apply_chunked, _apply_fused, _check_ce, _check_chunk_size, _check_reduction,
                     _check_vocab, _denominator, _dense, _outputs, _teacher_rows, _valid_tokens)
 
@@ -37,7 +38,9 @@ def token_distillation_loss(logits_S: torch.Tensor,
         logits_S: student logits, (N, V_S) or (B, L, V_S), any float dtype (computed in fp32
             at least).
         logits_T: teacher logits (N, V_T) / (B, L, V_T), or a :class:`TopKTeacher` with
-            (..., k) entries for ``divergence='topk_kl'``. Never receives a gradient.
+            (..., k) entries: then ``divergence`` is taken against the top-k teacher as
+            ``tail`` rebuilds it (``'topk_kl'`` = ``'forward_kl'``). Never receives a
+            gradient.
         labels: (N,) / (B, L) int labels aligned with the logits; ``ignore_index`` marks
             invalid tokens. Needed when ``ce_weight > 0``.
         mask: (N,) / (B, L), 1 = keep (e.g. the attention mask).
@@ -45,7 +48,8 @@ def token_distillation_loss(logits_S: torch.Tensor,
         temperature: τ > 0.
         beta: β of ``jsd``, in [0, 1] (0: forward KL, 1: reverse KL).
         alpha: α of ``skew_kl`` / ``skew_reverse_kl``, in [0, 1].
-        tail: ``topk_kl`` only: ``'renormalize'`` or ``'uniform'`` (see :class:`TopKTeacher`).
+        tail: a top-k teacher only: ``'renormalize'``, ``'uniform'`` or ``'bucket'`` (see
+            :class:`TopKTeacher`; the reverse KL needs ``'bucket'`` or ``'uniform'``).
         scale_by_temperature_squared: multiply the KD term by τ² (default False).
         ce_weight: weight of the hard-label cross-entropy (τ = 1) on the same valid tokens.
         kd_weight: weight of the divergence term: ``loss = kd_weight · kd + ce_weight · ce``
@@ -78,6 +82,8 @@ def token_distillation_loss(logits_S: torch.Tensor,
     """
     spec = _make_spec(divergence, temperature, beta, alpha, tail, scale_by_temperature_squared,
                       ce_weight, vocab_alignment, kd_weight)
+    if isinstance(logits_T, (tuple, list)):
+        spec = _against_topk(spec)
     chunk_size = _check_chunk_size(chunk_size, None)
     path = "dense" if chunk_size is None else "chunked"
     _check_reduction(reduction, path)
@@ -140,7 +146,8 @@ def fused_token_distillation_loss(hidden_S: torch.Tensor, weight_S: torch.Tensor
         hidden_S: student final hidden states, (N, Hs) or (B, L, Hs).
         weight_S: student head weight, (V_S, Hs).
         hidden_T: teacher final hidden states, (N, Ht) or (B, L, Ht); or a
-            :class:`TopKTeacher` (then ``weight_T`` must be None and divergence ``'topk_kl'``).
+            :class:`TopKTeacher` (then ``weight_T`` must be None; ``divergence`` is taken
+            against it as in :func:`token_distillation_loss`).
         weight_T: teacher head weight, (V_T, Ht).
         labels: (N,) / (B, L), ``ignore_index`` at ignored tokens.
         mask: (N,) / (B, L), 1 = keep.
@@ -156,6 +163,8 @@ def fused_token_distillation_loss(hidden_S: torch.Tensor, weight_S: torch.Tensor
     """
     spec = _make_spec(divergence, temperature, beta, alpha, tail, scale_by_temperature_squared,
                       ce_weight, vocab_alignment, kd_weight)
+    if isinstance(hidden_T, (tuple, list)):
+        spec = _against_topk(spec)
     chunk_size = _check_chunk_size(chunk_size, DEFAULT_FUSED_CHUNK_SIZE)
     _check_reduction(reduction, "fused")
     _check_ce(spec, labels)
@@ -173,8 +182,6 @@ def fused_token_distillation_loss(hidden_S: torch.Tensor, weight_S: torch.Tensor
             raise ValueError("with a TopKTeacher, weight_T and bias_T must be None")
         ids, logprobs = _teacher_rows(spec, hidden_T, n, lead, "hidden states")
     else:
-        if isinstance(hidden_T, (tuple, list)):
-            raise ValueError(f"a TopKTeacher needs divergence='topk_kl', not {divergence!r}")
         if weight_T is None or weight_T.dim() != 2 or hidden_T.shape[-1] != weight_T.shape[1]:
             raise ValueError(f"hidden_T {tuple(hidden_T.shape)} must be (..., Ht) and weight_T "
                              f"{None if weight_T is None else tuple(weight_T.shape)} must be "

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .spec import (TokenCount, _REDUCTIONS, _Spec, _aligned_width, _ce_rows, _chunk,
-                   _divergence_rows, _log_probs, _topk_rows, _up, _weighted)
+                   _divergence_rows, _log_probs, _topk_divergence_rows, _topk_is_analytic,
+                   _topk_rows, _up, _weighted)
 
 # ---------------------------------------------------------------------------------------
 # inputs: flattening, validity, denominators
@@ -95,8 +96,6 @@ def _teacher_rows(spec: _Spec, logits_T, rows: int, lead: torch.Size, what: str)
         if ids.dtype.is_floating_point:
             raise ValueError(f"topk ids must be integers, got {ids.dtype}")
         return ids.reshape(rows, -1).long(), logprobs.reshape(rows, -1).detach()
-    if isinstance(logits_T, (tuple, list)):
-        raise ValueError(f"a TopKTeacher needs divergence='topk_kl', not {spec.divergence!r}")
     if tuple(logits_T.shape[:-1]) != tuple(lead):
         raise ValueError(f"teacher {what} shape {tuple(logits_T.shape)} and student "
                          f"{tuple(lead)} + (..,) differ in their token dimensions")
@@ -126,7 +125,10 @@ def _dense(spec, z_S, teacher, labels, valid, denom, reduction, lead):
     if spec.divergence == "topk_kl":
         ids, logprobs = teacher
         log_q = torch.log_softmax(z_S / spec.temperature, dim=-1)
-        rows, _ = _topk_rows(spec, log_q, ids, logprobs, want_target=False)
+        if _topk_is_analytic(spec):
+            rows, _ = _topk_rows(spec, log_q, ids, logprobs, want_target=False)
+        else:
+            rows = _topk_divergence_rows(spec, log_q, ids, logprobs)
     else:
         width = _aligned_width(spec, z_S.shape[-1], teacher.shape[-1])
         log_p = _log_probs(spec, _up(teacher).to(z_S.dtype), width)

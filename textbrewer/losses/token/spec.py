@@ -3,7 +3,7 @@ and one chunk's value and gradient (see :mod:`textbrewer.losses.token`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -14,7 +14,17 @@ import torch.nn.functional as F
 
 #: The divergences every path (dense, chunked, fused) implements.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv", "topk_kl")
-_TAILS = ("renormalize", "uniform")
+#: how a top-k teacher's missing mass is rebuilt (``tail=``, see :class:`TopKTeacher`)
+TOPK_TAILS = ("renormalize", "uniform", "bucket")
+_TAILS = TOPK_TAILS
+#: The least tail mass 1 − Σ exp(logprobs) a top-k teacher is given when a divergence other
+#: than the forward KL compares against it (with ``tail='uniform'`` or ``'bucket'``): an fp16
+#: cache's rounded top-k can sum to 1 or more, and an empty tail makes every divergence that
+#: weights the student's mass outside the k ids (reverse KL) infinite.
+TOPK_TAIL_FLOOR = 1e-6
+#: Divergences that are infinite against a teacher that is 0 somewhere the student is not,
+#: as a renormalised top-k teacher is outside its k ids (with the option that makes them so).
+_STUDENT_WEIGHTED = {"reverse_kl": None, "jsd": ("beta", 1.0), "skew_reverse_kl": ("alpha", 0.0)}
 _ALIGNMENTS = (None, "pad", "truncate")
 _REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_FUSED_CHUNK_SIZE = 1024
@@ -36,8 +46,21 @@ class TopKTeacher(NamedTuple):
     * ``'uniform'``: at τ = 1 the tail mass 1 − Σ exp(logprobs) is spread evenly over the
       other V − k ids; p̂ is that V-entry distribution tempered, softmax(log p̂₁ / τ).
 
+    * ``'bucket'``: the k ids and one more outcome, "any other id", whose teacher
+      probability is the tail mass; the student's is its own mass outside the k ids. Both
+      are distributions over k + 1 outcomes (tempered as such), compared there.
+
     The student's side is always its full softmax over V, so ``topk_kl`` is the true
-    KL(p̂‖q) between two distributions over V (0 when q = p̂).
+    KL(p̂‖q) between two distributions over V (0 when q = p̂); with ``'bucket'`` it is the
+    KL between the two bucketed distributions, which is at most the KL over V (merging
+    outcomes never increases a divergence).
+
+    Any divergence of :data:`DIVERGENCES` can be taken against a top-k teacher (pass the
+    teacher and ``divergence=``; ``'topk_kl'`` is the forward KL). The reverse KL KL(q‖p̂)
+    weights the student's mass where p̂ is 0, so against a renormalised top-k it is
+    infinite: the reverse KL, JSD with β = 1 and skew reverse KL with α = 0 need ``'bucket'``
+    (the student's mass outside the k ids is pulled to the teacher's tail mass, not left
+    free) or ``'uniform'``. With either, a tail below :data:`TOPK_TAIL_FLOOR` counts as that.
     """
 
     ids: torch.Tensor
@@ -57,6 +80,8 @@ class _Spec:
     ce_weight: float
     vocab_alignment: Optional[str]
     kd_weight: float = 1.0
+    #: against a top-k teacher (``divergence == 'topk_kl'``): the divergence compared there
+    topk_divergence: str = "forward_kl"
 
 
 def _make_spec(divergence: str, temperature: float, beta: float, alpha: float, tail: str,
@@ -85,6 +110,44 @@ def _make_spec(divergence: str, temperature: float, beta: float, alpha: float, t
     kd_scale = temperature ** 2 if scale_by_temperature_squared else 1.0
     return _Spec(divergence, temperature, float(beta), float(alpha), tail, kd_scale, ce_weight,
                  vocab_alignment, kd_weight)
+
+
+def check_topk_divergence(divergence: str, tail: str, beta: float = 0.5,
+                          alpha: float = 0.1) -> None:
+    """Raises unless ``divergence`` is finite against a top-k teacher rebuilt by ``tail``.
+
+    Against ``tail='renormalize'`` (the teacher is 0 outside its k ids) a divergence that
+    weights the student's mass there is infinite: ``'reverse_kl'``, ``'jsd'`` with β = 1,
+    ``'skew_reverse_kl'`` with α = 0. Those need ``'bucket'`` or ``'uniform'``.
+
+    Raises:
+        ValueError: naming the divergence, the option and the tails that work.
+    """
+    if tail not in _TAILS:
+        raise ValueError(f"tail must be one of {list(_TAILS)}, got {tail!r}")
+    rule = _STUDENT_WEIGHTED.get(divergence, False)
+    if rule is False or tail != "renormalize":
+        return
+    if rule is not None and {"beta": beta, "alpha": alpha}[rule[0]] != rule[1]:
+        return
+    option = "" if rule is None else f" with {rule[0]}={rule[1]}"
+    raise ValueError(f"divergence={divergence!r}{option} against a top-k teacher with tail="
+                     f"'renormalize' is infinite: the teacher is 0 outside its k ids and the "
+                     f"student is not. Use tail='bucket' (the student's mass outside the k ids "
+                     f"is matched to the teacher's tail mass) or 'uniform'")
+
+
+def _against_topk(spec: _Spec) -> _Spec:
+    """The spec for a :class:`TopKTeacher`: ``divergence`` becomes ``'topk_kl'`` (the
+    teacher's layout) and the divergence asked for moves to ``topk_divergence``.
+
+    Raises:
+        ValueError: a divergence that is infinite against a renormalised top-k teacher.
+    """
+    if spec.divergence == "topk_kl":
+        return spec
+    check_topk_divergence(spec.divergence, spec.tail, spec.beta, spec.alpha)
+    return replace(spec, divergence="topk_kl", topk_divergence=spec.divergence)
 
 
 def _weighted(spec: _Spec, kd: torch.Tensor, ce: Optional[torch.Tensor]) -> torch.Tensor:
@@ -127,9 +190,11 @@ def _log_mix(log_x: torch.Tensor, log_y: torch.Tensor, weight_x: float) -> torch
     return torch.logaddexp((log_x + log_w).clamp(min=lowest), (log_y + log_1mw).clamp(min=lowest))
 
 
-def _divergence_rows(spec: _Spec, log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """Per-token divergence (n,) from student log q and teacher log p, both (n, V)."""
-    name = spec.divergence
+def _divergence_rows(spec: _Spec, log_q: torch.Tensor, log_p: torch.Tensor,
+                     name: Optional[str] = None) -> torch.Tensor:
+    """Per-token divergence (n,) from student log q and teacher log p, both (n, V);
+    ``name`` (default ``spec.divergence``) picks the formula."""
+    name = spec.divergence if name is None else name
     if name == "jsd":
         beta = spec.beta
         if beta == 0.0:  # the ends are definitions (TRL/Liger), not limits of the formula
@@ -190,6 +255,51 @@ def _topk_rows(spec: _Spec, log_q: torch.Tensor, ids: torch.Tensor, logprobs: to
     if want_target:
         target = p_u.unsqueeze(-1).expand_as(log_q).clone().scatter_(-1, ids, p_k)
     return head + tail_rows, target
+
+
+def _topk_is_analytic(spec: _Spec) -> bool:
+    """The forward KL against a renormalised or uniform-tail top-k: q − p̂, no autograd."""
+    return spec.topk_divergence == "forward_kl" and spec.tail != "bucket"
+
+
+def _topk_support(spec: _Spec, log_q: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probabilities where a top-k divergence compares them.
+
+    Args:
+        log_q: (n, V) student log-probabilities at τ (may require grad).
+        ids: (n, k) int64; logprobs: (n, k) teacher log-probs at τ = 1.
+
+    Returns:
+        (log q, log p̂): both (n, V) for ``'renormalize'`` and ``'uniform'`` (p̂ as in
+        :class:`TopKTeacher`), both (n, k + 1) for ``'bucket'`` (the k ids, then the rest).
+    """
+    vocab, k = log_q.shape[-1], ids.shape[-1]
+    scaled = logprobs.to(log_q.dtype) / spec.temperature
+    if spec.tail == "renormalize" or k >= vocab:
+        log_p = torch.full_like(log_q, float("-inf"))
+        return log_q, log_p.scatter_(-1, ids, torch.log_softmax(scaled, dim=-1))
+    # log(1 − Σ p) at τ = 1, floored: the tail an fp16-rounded top-k can leave empty
+    top_mass = torch.logsumexp(logprobs.to(log_q.dtype), dim=-1).clamp(max=0.0)
+    log_tail = torch.log(-torch.expm1(top_mass)).clamp(min=math.log(TOPK_TAIL_FLOOR))
+    if spec.tail == "bucket":
+        log_p = torch.log_softmax(
+            torch.cat([scaled, (log_tail / spec.temperature).unsqueeze(-1)], -1), dim=-1)
+        # 0 outside the k ids, −inf on them: log_q + outside sums the student's rest
+        outside = torch.zeros_like(log_q).scatter_(-1, ids, float("-inf"))
+        log_q_rest = torch.logsumexp(log_q + outside, dim=-1, keepdim=True)
+        return torch.cat([log_q.gather(-1, ids), log_q_rest], -1), log_p
+    # 'uniform': each of the V − k other ids holds tail / (V − k), then all of it tempered
+    log_u = (log_tail - math.log(vocab - k)) / spec.temperature
+    log_p = log_u.unsqueeze(-1).expand_as(log_q).clone().scatter_(-1, ids, scaled)
+    return log_q, torch.log_softmax(log_p, dim=-1)
+
+
+def _topk_divergence_rows(spec: _Spec, log_q: torch.Tensor, ids: torch.Tensor,
+                          logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token ``spec.topk_divergence`` (n,) against a top-k teacher (autograd-able)."""
+    log_q_s, log_p_s = _topk_support(spec, log_q, ids, logprobs)
+    return _divergence_rows(spec, log_q_s, log_p_s, spec.topk_divergence)
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,18 +390,21 @@ def _chunk(spec: _Spec, student: list, teacher: Callable[[], object], v_T: int,
         ce, ce_grad = _ce_rows(z_S, labels, need_grad)
         ce_sum = ce.masked_fill(~valid, 0.0).sum()
     name, beta = spec.divergence, spec.beta
-    analytic = name in ("forward_kl", "reverse_kl", "topk_kl") or (
+    topk = name == "topk_kl"
+    analytic = (_topk_is_analytic(spec) if topk else name in ("forward_kl", "reverse_kl")) or (
         name == "jsd" and beta in (0.0, 1.0))
-    width = v_S if name == "topk_kl" else _aligned_width(spec, v_S, v_T)
+    width = v_S if topk else _aligned_width(spec, v_S, v_T)
     grad_s = None
     if analytic or not need_grad:
         log_q = _log_probs(spec, z_S, width)
         del z_S
-        if name == "topk_kl":
+        if topk and analytic:
             ids, logprobs = teacher()
             rows, target = _topk_rows(spec, log_q, ids, logprobs, need_grad)
             if need_grad:  # d KL(p̂‖q) / d(z/τ) = q − p̂
                 grad_s = log_q.exp_().sub_(target)
+        elif topk:
+            rows = _topk_divergence_rows(spec, log_q, *teacher())
         elif not analytic:
             log_p = _log_probs(spec, _up(teacher()).to(log_q.dtype), width)
             rows = _divergence_rows(spec, log_q, log_p)
@@ -314,9 +427,16 @@ def _chunk(spec: _Spec, student: list, teacher: Callable[[], object], v_T: int,
         z_S = _fit(z_S, width)
         leaf = (z_S / tau if tau != 1.0 else z_S).detach().requires_grad_()
         del z_S
-        log_p = _log_probs(spec, _up(teacher()).to(leaf.dtype), width)
+        if topk:
+            ids, logprobs = teacher()
+            with torch.enable_grad():
+                rows = _topk_divergence_rows(spec, torch.log_softmax(leaf, dim=-1), ids,
+                                             logprobs)
+        else:
+            log_p = _log_probs(spec, _up(teacher()).to(leaf.dtype), width)
+            with torch.enable_grad():
+                rows = _divergence_rows(spec, torch.log_softmax(leaf, dim=-1), log_p)
         with torch.enable_grad():
-            rows = _divergence_rows(spec, torch.log_softmax(leaf, dim=-1), log_p)
             (grad_s,) = torch.autograd.grad(rows.masked_fill(~valid, 0.0).sum(), leaf)
         rows = rows.detach()
     kd_sum = rows.masked_fill(~valid, 0.0).sum() * spec.kd_scale
