@@ -108,6 +108,20 @@ def test_bad_values_are_errors_that_name_the_key(tmp_path, corpus, override, mes
         load_job_config(tiny_job(tmp_path, corpus), [override])
 
 
+def test_a_divergence_a_cache_cannot_serve_is_named(tmp_path, corpus):
+    path = tiny_job(tmp_path, corpus)
+    with pytest.raises(ConfigError, match=r"loss.divergence='reverse_kl' with cache.tail="
+                                          r"'renormalize': .*infinite.*'bucket'"):
+        load_job_config(path, [f"cache.path={tmp_path}", "cache.tail=renormalize",
+                               "loss.divergence=reverse_kl"])
+    with pytest.raises(ConfigError, match=r"loss.divergence='taid' needs the teacher's full "
+                                          r"logits; with cache.path"):
+        load_job_config(path, [f"cache.path={tmp_path}", "loss.divergence=taid"])
+    config = load_job_config(path, [f"cache.path={tmp_path}", "cache.tail=bucket",
+                                    "loss.divergence=reverse_kl"])
+    assert config.cache.tail == "bucket"
+
+
 def test_required_keys_and_the_missing_file_are_named(tmp_path, corpus):
     with pytest.raises(ConfigError, match=r"required keys not set: \['data.train', "
                                           r"'output.dir', 'training.steps'\]"):

@@ -341,7 +341,18 @@ def validate(config: JobConfig) -> None:
             raise ConfigError(f"cache.path={cache.path!r}: no such cache folder (set "
                               f"cache.build=true to write it from the teacher first)")
         _at_least("cache.k", cache.k, 1)
-        _choice("cache.tail", cache.tail, ("renormalize", "uniform"))
+        from ..losses.token import OBJECTIVES, TOPK_TAILS, check_topk_divergence
+        _choice("cache.tail", cache.tail, TOPK_TAILS)
+        if config.loss.divergence in OBJECTIVES:
+            raise ConfigError(f"loss.divergence={config.loss.divergence!r} needs the teacher's "
+                              f"full logits; with cache.path it cannot be used (a cache holds "
+                              f"the top {cache.k})")
+        try:  # before anything is built: the loss against the cached rows must be finite
+            check_topk_divergence(config.loss.divergence, cache.tail, config.loss.beta,
+                                  config.loss.alpha)
+        except ValueError as error:
+            raise ConfigError(f"loss.divergence={config.loss.divergence!r} with cache.tail="
+                              f"{cache.tail!r}: {error}") from None
     training = config.training
     _at_least("training.steps", training.steps, 1)
     _at_least("training.batch_size", training.batch_size, 1)
