@@ -19,6 +19,7 @@ from .alignment import CausalAlignment, PreparedBatch, cached_topk
 from .config import LMDistillationConfig
 from .generation import (AdaptiveOffPolicySchedule, Sampler, check_end_of_sequence,
                          check_generation_options)
+from .telemetry import TokenTelemetry, token_statistics
 from .heads import (call_model, check_fused_head, head_bias, hidden_before_head, logits_of,
                     output_head, vocab_size)
 
@@ -112,6 +113,9 @@ class LMDistillerBase(BasicDistiller):
         self._taid_window: Optional[torch.Tensor] = None  # the window's TAID loss so far
         # (generated tokens, rows, rows that reached the EOS) since the last telemetry read
         self._generated: Optional[Tuple[int, int, int]] = None
+        #: entropies and divergence by position, per step (``lm_config.telemetry``)
+        self.telemetry = TokenTelemetry(lm_config.telemetry_bins) if lm_config.telemetry \
+            else None
         self.head_S = output_head(model_S, lm_head_S)
         self.head_T = None if model_T is None else output_head(model_T, lm_head_T)
         self.vocab_size_S = vocab_size(model_S, self.head_S)
@@ -275,7 +279,9 @@ class LMDistillerBase(BasicDistiller):
     def observed_values(self) -> Dict[str, Any]:
         """The step's values for TensorBoard: TAID's t, the off-policy probability, and for
         the student-generated rows since the last call their mean generated length and the
-        share that ended with the EOS (``on_policy/...``)."""
+        share that ended with the EOS (``on_policy/...``); with ``lm_config.telemetry`` the
+        step's entropies and divergence by position (``telemetry/...``, see
+        :mod:`textbrewer.distillers.lm.telemetry`)."""
         values = super().observed_values()
         generated, self._generated = self._generated, None
         if generated is not None:
@@ -287,6 +293,8 @@ class LMDistillerBase(BasicDistiller):
             values["taid_t"] = self.taid.t
         if self.off_policy_schedule is not None:
             values["off_policy_probability"] = self.off_policy_schedule.probability
+        if self.telemetry is not None:
+            values.update(self.telemetry.values())
         return values
 
     # windows ---------------------------------------------------------------------------------
@@ -298,6 +306,8 @@ class LMDistillerBase(BasicDistiller):
         # a window that took no optimizer step (an epoch's short last one) must not carry
         # its TAID loss into the next window's
         self._taid_window = None
+        if self.telemetry is not None:  # nor its telemetry
+            self.telemetry.reset()
         prepared = [self.prepare_batch(batch) for batch in batches]
         return prepared, sum(item.count for item in prepared)
 
@@ -513,6 +523,11 @@ class LMDistillerBase(BasicDistiller):
             parts = fused_token_distillation_loss(
                 hidden_S, self.head_S.weight, hidden_T, weight_T, labels, valid, bias_S=bias_S,
                 bias_T=bias_T, chunk_size=config.chunk_size, **options)
+            if self.telemetry is not None:
+                self._record_telemetry(prepared, options, _head_rows(
+                    hidden_S, self.head_S.weight, bias_S), None if self_teacher else (
+                    _topk_rows(topk) if weight_T is None else
+                    _head_rows(hidden_T, weight_T, bias_T)))
         else:
             logits_S = self._run_logits(self._student_forward, self.adaptor_S, student_inputs,
                                         args, "student")
@@ -539,6 +554,10 @@ class LMDistillerBase(BasicDistiller):
                     logits_S, logits_T, labels, valid,
                     chunk_size=config.chunk_size if self.path == "chunked" else None,
                     **options)
+            if self.telemetry is not None:
+                self._record_telemetry(prepared, options, _logit_rows(logits_S), None if
+                                       self_teacher else _topk_rows(logits_T) if
+                                       isinstance(logits_T, tuple) else _logit_rows(logits_T))
         loss = parts["loss"]
         named = {"unweighted_kd_loss": parts["kd"]}
         if "ce" in parts:
@@ -580,6 +599,13 @@ class LMDistillerBase(BasicDistiller):
             kd_weight=options["kd_weight"], num_tokens=options["num_tokens"],
             return_dict=True)
 
+    def _record_telemetry(self, prepared: PreparedBatch, options: Dict[str, Any],
+                          student: Callable, teacher: Optional[Callable]) -> None:
+        width = max(self.vocab_size_S, self.vocab_size_T or 0)
+        statistics = token_statistics(student, teacher or (lambda rows: None),
+                                      prepared.valid.numel(), width, options)
+        self.telemetry.record(prepared.source, prepared.valid, *statistics)
+
     def _live_topk(self, logits_T: torch.Tensor) -> TopKTeacher:
         """The live teacher's top-k at τ = 1 (ids and log-probs over the full vocabulary),
         as a cache would store them (without the cache's fp16 rounding)."""
@@ -589,3 +615,26 @@ class LMDistillerBase(BasicDistiller):
                              f"{logits_T.shape[-1]}")
         logprobs, ids = logits_T.float().log_softmax(-1).topk(k, dim=-1)
         return TopKTeacher(ids, logprobs)
+
+
+def _logit_rows(logits: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+    """Row slices of (B, L, V) logits, flattened to (B·L, V), without gradient."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    return lambda rows: flat[rows]
+
+
+def _head_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+               ) -> Callable[[slice], torch.Tensor]:
+    """Row slices of the logits ``hidden @ weight.T + bias`` from (B, L, H) hidden states,
+    computed per slice (the fused path never holds them all)."""
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    return lambda rows: torch.nn.functional.linear(flat[rows], weight, bias)
+
+
+def _topk_rows(teacher: TopKTeacher) -> Callable[[slice], TopKTeacher]:
+    """Row slices of a (B, L, k) top-k teacher, flattened to (B·L, k)."""
+    ids, logprobs = (part.reshape(-1, part.shape[-1]) for part in teacher)
+    return lambda rows: TopKTeacher(ids[rows], logprobs[rows])
+

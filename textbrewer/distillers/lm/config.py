@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from ...configurations import Config
 from ...losses.token import (DIVERGENCES, OBJECTIVES, TAID_SCHEDULES, TOPK_TAILS,
@@ -105,6 +105,13 @@ class LMDistillationConfig(Config):
         check_fused_head: on the first fused batch, check on one example that each
             model's logits are exactly ``head(hidden)`` (catches soft-capping, logit
             scales, biases added after the head, which the fused path cannot see).
+        telemetry: after each optimizer step, log the student's and the teacher's mean
+            entropy and the mean divergence, overall and by target position, per kind of
+            batch (dataset, on-policy, sequence-level KD); see
+            :mod:`textbrewer.distillers.lm.telemetry`. Costs one more pass over each
+            batch's logits, without gradient (the fused path computes them block by block).
+        telemetry_bins: the first target index of each position bin after the first,
+            strictly increasing (default: bins 0-15, 16-63, 64-255, 256+).
 
     None of the generation settings is read from ``model.generation_config``: the
     distillers pass them all explicitly, on a neutral generation config.
@@ -140,6 +147,8 @@ class LMDistillationConfig(Config):
     pad_token_id: int = 0
     seed: int = 0
     check_fused_head: bool = True
+    telemetry: bool = False
+    telemetry_bins: Tuple[int, ...] = (16, 64, 256)
 
     def __post_init__(self) -> None:
         if self.divergence not in LM_DIVERGENCES:
@@ -211,6 +220,21 @@ class LMDistillationConfig(Config):
                              f"{self.token_alignment!r}")
         if self.token_alignment is not None:
             self._check_cross_tokenizer()
+        self._check_telemetry()
+
+    def _check_telemetry(self) -> None:
+        bins = self.telemetry_bins
+        if (not isinstance(bins, (tuple, list))
+                or any(isinstance(edge, bool) or not isinstance(edge, int) for edge in bins)
+                or any(edge <= 0 for edge in bins)
+                or any(b <= a for a, b in zip(bins, bins[1:]))):
+            raise ValueError(f"telemetry_bins must be strictly increasing integers > 0 (the "
+                             f"first target index of each bin after the first), got {bins!r}")
+        self.telemetry_bins = tuple(bins)
+        if self.telemetry and self.token_alignment is not None:
+            raise ValueError(f"telemetry with token_alignment={self.token_alignment!r} is not "
+                             f"supported: the divergence is over aligned token groups, not "
+                             f"positions")
 
     def check_topk_teacher(self, why: str) -> None:
         """Raises unless ``divergence`` can be taken against a top-k teacher (``why`` says
