@@ -113,6 +113,10 @@ class BasicDistiller(AbstractDistiller):
         student_batch = teacher_batch if same else self.runtime.to_device(student_batch)
         if cache is not None:
             outputs_T = self.runtime.to_device(cache)
+        elif self.model_T is None:
+            raise ValueError(f"{type(self).__name__}: model_T is None and the batch carries no "
+                             f"'teacher_cache' (the teacher's outputs): give a teacher, or "
+                             f"batches from textbrewer.teachers.TeacherOutputsCollator")
         else:
             outputs_T = self.teacher_outputs(teacher_batch, args)
         outputs_S = self.forward_student(student_batch, args)

@@ -110,8 +110,9 @@ class AdversarialDistiller(GeneralDistiller):
                  discriminator_lr: float = 1e-3, discriminator_max_grad_norm: float = -1.0):
         super().__init__(train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S,
                          custom_matches)
-        if not isinstance(model_T, nn.Module):
-            raise TypeError(f"AdversarialDistiller needs one teacher nn.Module, got "
+        if model_T is not None and not isinstance(model_T, nn.Module):
+            raise TypeError(f"AdversarialDistiller needs one teacher nn.Module (or None, with "
+                            f"the teacher's outputs in the batches), got "
                             f"{type(model_T).__name__}")
         if feature not in ("logits", "hidden"):
             raise ValueError(f"feature must be 'logits' or 'hidden', got {feature!r}")
