@@ -179,3 +179,34 @@ def test_telemetry_options_are_checked():
     with pytest.raises(ValueError, match=r"telemetry with token_alignment='uld' is not "
                                          r"supported"):
         LMDistillationConfig(telemetry=True, token_alignment="uld")
+
+
+def test_a_window_of_two_batches_logs_its_kd_term_and_nothing_runs_without_a_writer(
+        tmp_path, monkeypatch):
+    """With two micro-batches per step the logged mean is the window's: the step's KD term
+    (the sum of its micro-batches' terms, each over the window's tokens). Without
+    TensorBoard the statistics are not computed at all."""
+    student = _gpt2(1, n_embd=8)
+    distiller = Recording(
+        TrainingConfig(device="cpu", output_dir=str(tmp_path / "acc"),
+                       gradient_accumulation_steps=2, log_dir=str(tmp_path / "acc" / "runs")),
+        DistillationConfig(temperature=1.0, hard_label_weight=0.0), _gpt2(0), student,
+        lm_config=LMDistillationConfig(telemetry=True, path="dense", telemetry_bins=(2,)))
+    loader = torch.utils.data.DataLoader(_examples(), batch_size=3, collate_fn=pad_collate)
+    with distiller:
+        distiller.train(torch.optim.SGD(student.parameters(), lr=0.1), loader, num_epochs=1)
+    assert len(distiller.kd) == 2 and len(distiller.logged) == 1
+    assert distiller.logged[0]["telemetry/dataset/divergence"] == pytest.approx(
+        sum(distiller.kd), rel=1e-5)
+    calls = []
+    real = telemetry_module.token_statistics
+    monkeypatch.setattr("textbrewer.distillers.lm.base.token_statistics",
+                        lambda *args: calls.append(1) or real(*args))
+    student = _gpt2(1, n_embd=8)
+    quiet = CausalLMDistiller(
+        TrainingConfig(device="cpu", output_dir=str(tmp_path / "quiet"), log_dir=None),
+        DistillationConfig(temperature=1.0), _gpt2(0), student,
+        lm_config=LMDistillationConfig(telemetry=True, path="dense"))
+    with quiet:
+        quiet.train(torch.optim.SGD(student.parameters(), lr=0.1), loader, num_epochs=1)
+    assert calls == []

@@ -226,3 +226,46 @@ def test_two_view_batches_give_the_source_the_teachers_view(tmp_path):
     sourced = train(tmp_path, "source", GeneralDistiller, None, loader_of(dataset(), source),
                     lambda batch, outputs: {"logits": outputs["logits"]})
     assert_same(sourced, live)
+
+
+def test_routes_must_agree_and_per_example_lists_are_split():
+    class Echo:
+        def __init__(self, keys):
+            self.keys, self.seen = keys, []
+
+        def outputs(self, batch, examples):
+            self.seen.append(list(batch["names"]))
+            size = batch["input_ids"].shape[0]
+            return {key: torch.zeros(size, 2) for key in self.keys}
+    batch = {"input_ids": torch.zeros(3, 4), "names": ["x", "y", "z"]}
+    examples = [{"task": task} for task in "abb"]
+    a, b = Echo(["logits"]), Echo(["logits"])
+    RoutedOutputs({"a": a, "b": b}).outputs(batch, examples)
+    assert a.seen == [["x"]] and b.seen == [["y", "z"]]
+    with pytest.raises(ValueError, match=r"route 'b' gives the outputs \['logits'\], route "
+                                         r"'a' \['hidden', 'logits'\]: every route must give"):
+        RoutedOutputs({"a": Echo(["logits", "hidden"]), "b": Echo(["logits"])}).outputs(
+            batch, examples)
+
+
+def test_overwriting_replaces_the_cache_and_a_failed_swap_restores_it(tmp_path, monkeypatch):
+    path = str(tmp_path / "cache")
+    write_teacher_outputs(model(0), dataset(), path)
+    first = CachedOutputs(path).outputs({}, [IndexedDataset(dataset())[0]])["logits"]
+    write_teacher_outputs(model(1), dataset(), path, overwrite=True)
+    second = CachedOutputs(path).outputs({}, [IndexedDataset(dataset())[0]])["logits"]
+    assert not torch.equal(first, second) and sorted(os.listdir(tmp_path)) == ["cache"]
+    real_rename, calls = os.rename, []
+
+    def second_rename_fails(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        real_rename(source, target)
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        write_teacher_outputs(model(2), dataset(), path, overwrite=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+    torch.testing.assert_close(
+        CachedOutputs(path).outputs({}, [IndexedDataset(dataset())[0]])["logits"], second)

@@ -38,9 +38,8 @@ def test_bucketed_reverse_kl_by_hand():
     value = token_distillation_loss(torch.tensor([student], dtype=torch.float64), teacher,
                                     divergence="reverse_kl", tail="bucket")
     assert value.item() == pytest.approx(_kl(q_b, p_b), rel=1e-12)
-    # τ = 2: both sides tempered as distributions over their outcomes, buckets included
-    q2 = _softmax([v / 2 for v in student])
-    q2_b = [q2[0], q2[1], q2[2] + q2[3]]
+    # τ = 2: both sides bucketed at τ = 1, then tempered as 3-outcome distributions
+    q2_b = _softmax([math.log(q) / 2 for q in q_b])
     p2_b = _softmax([math.log(p) / 2 for p in p_b])
     value = token_distillation_loss(torch.tensor([student], dtype=torch.float64), teacher,
                                     divergence="reverse_kl", tail="bucket", temperature=2.0)
@@ -94,6 +93,16 @@ def test_buckets_never_exceed_the_divergence_over_the_vocabulary(divergence):
     spread = token_distillation_loss(even, teacher, divergence=divergence, tail="uniform",
                                      reduction="none")
     torch.testing.assert_close(bucket, spread, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_a_student_equal_to_the_teacher_has_no_bucketed_divergence(divergence):
+    """At every temperature: both sides are bucketed at τ = 1 before they are tempered."""
+    _, z_T, teacher = _inputs(seed=6)
+    for tau in (1.0, 2.0, 4.0):
+        value = token_distillation_loss(z_T, teacher, divergence=divergence, tail="bucket",
+                                        temperature=tau)
+        assert abs(value.item()) < 1e-12, (tau, value.item())
 
 
 def test_the_general_uniform_path_is_the_forward_kls_own():
@@ -177,6 +186,27 @@ def test_an_over_full_rounded_top_k_gets_the_floor_as_its_tail():
     assert value.item() == pytest.approx(_kl([q[1], q[3], q[0] + q[2]], p_b), rel=1e-12)
 
 
+def test_masked_teacher_entries_and_padded_rows_stay_finite():
+    """A valid row whose top k holds a −inf entry (a masked logit) gets the floor there;
+    an invalid row padded with −inf gives no NaN in any path's gradient."""
+    z_S, _, teacher = _inputs(seed=7, n=4)
+    logprobs = teacher.logprobs.clone()
+    logprobs[0, -1] = float("-inf")
+    padded = teacher.logprobs.clone()
+    padded[3] = float("-inf")
+    mask = torch.tensor([1, 1, 1, 0])
+    for chunk_size in (None, 2):
+        for tail in ("uniform", "bucket"):
+            for rows, valid in ((logprobs, None), (padded, mask)):
+                logits = z_S.clone().requires_grad_()
+                loss = token_distillation_loss(logits, TopKTeacher(teacher.ids, rows),
+                                               mask=valid, divergence="reverse_kl", tail=tail,
+                                               chunk_size=chunk_size)
+                loss.backward()
+                assert torch.isfinite(loss) and torch.isfinite(logits.grad).all(), (
+                    chunk_size, tail)
+
+
 def test_the_bucketed_reverse_kl_pulls_the_students_outside_mass_to_the_tail():
     """The guard at work: minimising the bucketed reverse KL from a student that puts most
     of its mass outside the teacher's top k brings that mass to the teacher's tail mass,
@@ -187,16 +217,17 @@ def test_the_bucketed_reverse_kl_pulls_the_students_outside_mass_to_the_tail():
     teacher = TopKTeacher(torch.arange(k).unsqueeze(0), teacher_probs[:k].log().unsqueeze(0))
     logits = torch.zeros(1, vocab, dtype=torch.float64)
     logits[0, 7] = 6.0  # 90 % of the student's mass on one id outside the top k
-    logits.requires_grad_()
-    optimizer = torch.optim.Adam([logits], lr=0.05)
-    for _ in range(800):
-        optimizer.zero_grad()
-        token_distillation_loss(logits, teacher, divergence="reverse_kl", tail="bucket",
-                                chunk_size=4).backward()
-        optimizer.step()
-    q = logits.detach().softmax(-1)[0]
-    assert q[k:].sum().item() == pytest.approx(0.1, abs=2e-3)
-    torch.testing.assert_close(q[:k], teacher_probs[:k], atol=2e-3, rtol=0)
+    for tau in (1.0, 2.0):  # the minimum is the teacher's buckets at any temperature
+        start = logits.clone().requires_grad_()
+        optimizer = torch.optim.Adam([start], lr=0.05)
+        for _ in range(800):
+            optimizer.zero_grad()
+            token_distillation_loss(start, teacher, divergence="reverse_kl", tail="bucket",
+                                    temperature=tau, chunk_size=4).backward()
+            optimizer.step()
+        q = start.detach().softmax(-1)[0]
+        assert q[k:].sum().item() == pytest.approx(0.1, abs=2e-3), tau
+        torch.testing.assert_close(q[:k], teacher_probs[:k], atol=2e-3, rtol=0)
 
 
 # ---------------------------------------------------------------------------------- distillers
@@ -302,3 +333,15 @@ def test_the_distillers_refuse_what_a_top_k_teacher_cannot_give(tmp_path):
         LMDistillationConfig(topk_tail="spread")
     build(None, divergence="reverse_kl", topk_tail="bucket")
     build(_model(0), divergence="reverse_kl")  # a full live teacher: no tail to guard
+    # the cross-entropy alone needs no teacher at all, whatever the divergence says
+    CausalLMDistiller(TrainingConfig(device="cpu", output_dir=str(tmp_path), log_dir=None),
+                      DistillationConfig(temperature=1.0, kd_loss_weight=0), model_T=None,
+                      model_S=_model(1), lm_config=LMDistillationConfig(divergence="taid"))
+
+
+def test_a_live_teacher_with_cached_batches_refuses_an_objective_at_the_first(tmp_path):
+    teacher = _model(0).eval()
+    with pytest.raises(ValueError, match=r"divergence='akl' needs the teacher's full logits, "
+                                         r"not a top-k teacher \(the batch's cached"):
+        _train(tmp_path, "akl", teacher, TeacherSourceCollator(LocalTeacher(teacher, k=4)),
+               LMDistillationConfig(divergence="akl", path="dense"))

@@ -158,8 +158,10 @@ def write_teacher_outputs(model: nn.Module, dataset: Sequence[Any], output_dir: 
 
     Each key becomes one array ``{key}.npy`` of shape (N, ...): every example's output must
     have the same shape (pad token-level inputs to one length). The manifest holds the
-    shapes and a hash of each example's ``hash_key`` tensor, so that :class:`CachedOutputs`
-    can tell when the data changed. Written into a temporary folder, then renamed: an
+    shapes and a hash of each example's ``hash_key`` tensor (its values, shape and dtype:
+    int32 ids where the cache saw int64 read as changed data), so that
+    :class:`CachedOutputs` can tell when the data changed. Written into a temporary
+    folder, then renamed: an
     interrupted write leaves nothing, and an existing cache is replaced only with
     ``overwrite=True``, after the new one is complete.
 
@@ -225,16 +227,20 @@ def write_teacher_outputs(model: nn.Module, dataset: Sequence[Any], output_dir: 
                     "keys": list(keys), "dtype": str(dtype).replace("torch.", ""),
                     "shapes": {key: list(arrays[key].shape[1:]) for key in keys},
                     "hash_key": hash_key, "hashes": hashes}
-        for array in arrays.values():
-            array.flush()
-        del arrays
+        for key in keys:  # flushed and closed before the folder moves
+            arrays[key].flush()
+            arrays[key] = None
         with open(os.path.join(staging, _MANIFEST), "w") as handle:
             json.dump(manifest, handle)
         if os.path.isdir(output_dir):
             old = output_dir.rstrip("/") + ".old-" + os.path.basename(staging)
             os.rename(output_dir, old)
-            os.rename(staging, output_dir)
-            shutil.rmtree(old)
+            try:
+                os.rename(staging, output_dir)
+            except BaseException:
+                os.rename(old, output_dir)  # the previous cache back in its place
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, output_dir)
     except BaseException:
@@ -264,9 +270,16 @@ class CachedOutputs(OutputsSource):
                              f"write them with write_teacher_outputs")
         with open(manifest_path) as handle:
             self.manifest = json.load(handle)
+        if self.manifest.get("format") != "textbrewer-teacher-outputs-1":
+            raise ValueError(f"{manifest_path}: unknown format {self.manifest.get('format')!r}")
         self.path, self.index_key, self.check_ids = path, index_key, check_ids
         self.arrays = {key: np.load(os.path.join(path, f"{key}.npy"), mmap_mode="r")
                        for key in self.manifest["keys"]}
+        for key, array in self.arrays.items():
+            expected = (self.manifest["count"], *self.manifest["shapes"][key])
+            if tuple(array.shape) != tuple(expected):
+                raise ValueError(f"{path}: {key}.npy has shape {tuple(array.shape)}, the "
+                                 f"manifest says {tuple(expected)} (a damaged cache)")
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -308,7 +321,8 @@ class MixtureOutputs(OutputsSource):
             weights, :class:`~textbrewer.MultiTeacherDistiller`'s target); or
             ``'probabilities'``: log Σ w_i softmax(z_i), whose softmax at τ = 1 is the
             mixture of the teachers' distributions (a temperature τ ≠ 1 then tempers the
-            mixture).
+            mixture). These are log-probabilities, not logits: they suit the softmax-based
+            KD losses (``'ce'``, ``'kl'``, DKD), not ``'mse'`` on raw logits.
         keys: the outputs combined (default ``('logits',)``); every other output is the
             first source's.
     """
@@ -354,8 +368,10 @@ class RoutedOutputs(OutputsSource):
         key: the example field that names the route.
         default: the route of examples without the field (None: an error).
 
-    The batch is split by rows (every tensor's first dimension is the batch), each part
-    goes to its source, and the answers are put back in the batch's order.
+    The batch is split by rows, each part goes to its source, and the answers are put back
+    in the batch's order. A tensor whose first dimension is the batch size B, and a list
+    or tuple of B items (collated strings), are split; anything else goes to every route
+    whole. Every route must answer with the same outputs and shapes per example.
     """
 
     def __init__(self, sources: Mapping[str, OutputsSource], key: str = "task",
@@ -377,11 +393,18 @@ class RoutedOutputs(OutputsSource):
     def outputs(self, batch: Any, examples: Sequence[Any]) -> Outputs:
         routes = [self._route(position, example) for position, example in enumerate(examples)]
         result: Outputs = {}
+        names = None
         for route in dict.fromkeys(routes):
             rows = [i for i, r in enumerate(routes) if r == route]
             index = torch.tensor(rows)
             part = self.sources[route].outputs(_rows(batch, index, len(examples)),
                                                [examples[i] for i in rows])
+            if names is None:
+                names, first = sorted(part), route
+            elif sorted(part) != names:
+                raise ValueError(f"RoutedOutputs: route {route!r} gives the outputs "
+                                 f"{sorted(part)}, route {first!r} {names}: every route must "
+                                 f"give the same")
             for name, value in part.items():
                 if name not in result:
                     result[name] = value.new_zeros((len(examples),) + tuple(value.shape[1:]))
@@ -400,6 +423,8 @@ def _rows(batch: Any, index: torch.Tensor, size: int) -> Any:
     if isinstance(batch, Mapping):
         return {key: _rows(value, index, size) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
+        if len(batch) == size and not any(isinstance(v, torch.Tensor) for v in batch):
+            return type(batch)(batch[i] for i in index.tolist())  # one item per example
         return type(batch)(_rows(value, index, size) for value in batch)
     return batch
 

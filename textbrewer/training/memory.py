@@ -424,7 +424,7 @@ def _meta_step(student: nn.Module, teacher: Optional[nn.Module], options: Dict[s
             if topk is None:
                 with torch.no_grad():
                     logits_T = _logits_of(_run(teacher, params_T, inputs))
-                if options["divergence"] == "topk_kl":  # live top-k, as the distiller does
+                if "topk" in options:  # the live teacher cut to its top k, as the distiller does
                     k = options.pop("topk")
                     logprobs, ids = logits_T.float().log_softmax(-1).topk(k, dim=-1)
                     logits_T = TopKTeacher(ids, logprobs)
@@ -557,7 +557,8 @@ def plan_lm_memory(student: nn.Module, teacher: Optional[nn.Module], *, batch_si
             distillers resolve it without adaptors or compile). Default: ``lm_config.path``,
             else ``'auto'``.
         divergence: a token divergence (default ``lm_config.divergence``, else
-            ``'forward_kl'``); with ``cache_k`` it is always ``'topk_kl'``.
+            ``'forward_kl'``), taken against the cached rows with ``cache_k``, and against
+            the live teacher cut to ``lm_config.topk`` when that is set.
         chunk_size: tokens per chunk of the chunked and fused paths (default
             ``lm_config.chunk_size``, else 1024).
         cache_k: plan for a teacher cache with k entries per token (``'cache'`` path):
@@ -622,8 +623,7 @@ def plan_lm_memory(student: nn.Module, teacher: Optional[nn.Module], *, batch_si
     _choice("path", path, _LOSS_PATHS)
     chunk_size = option("chunk_size", chunk_size, 1024)
     _positive("chunk_size", chunk_size)
-    divergence = "topk_kl" if cache_k is not None else option("divergence", divergence,
-                                                               "forward_kl")
+    divergence = option("divergence", divergence, "forward_kl")
     _choice("divergence", divergence, DIVERGENCES)
     teacher_in_memory = teacher if cache_k is None else None
     notes: List[str] = []
@@ -631,7 +631,8 @@ def plan_lm_memory(student: nn.Module, teacher: Optional[nn.Module], *, batch_si
         notes.append("cache: the teacher is not in memory (its parameters are not counted)")
     heads = _output_head(student) is not None and (
         teacher_in_memory is None or _output_head(teacher_in_memory) is not None)
-    live_topk = divergence == "topk_kl" and cache_k is None
+    live_topk = cache_k is None and (divergence == "topk_kl"
+                                     or option("topk", None, None) is not None)
     if path == "auto":
         path = "fused" if heads and not live_topk else "chunked"
     if path == "fused" and not heads:
@@ -639,8 +640,9 @@ def plan_lm_memory(student: nn.Module, teacher: Optional[nn.Module], *, batch_si
                          "returning a Linear) on the student and the live teacher; use "
                          "path='chunked'")
     if path == "fused" and live_topk:
-        raise ValueError("path='fused' with divergence='topk_kl' against a live teacher is "
-                         "not possible (it needs the teacher's logits); use 'chunked'")
+        raise ValueError("path='fused' against a live teacher cut to its top k (topk, or "
+                         "divergence='topk_kl') is not possible (it needs the teacher's "
+                         "logits); use 'chunked'")
     options = dict(divergence=divergence, temperature=float(temperature),
                    beta=option("beta", None, 0.5), alpha=option("alpha", None, 0.1),
                    tail=option("topk_tail", None, "renormalize"), ce_weight=float(ce_weight),

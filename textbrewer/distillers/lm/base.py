@@ -79,8 +79,17 @@ class LMDistillerBase(BasicDistiller):
         if model_T is not None and not isinstance(model_T, nn.Module):
             raise TypeError(f"model_T must be a torch.nn.Module or None (training from a "
                             f"teacher cache), got {type(model_T).__name__}")
-        if model_T is None:  # every batch brings cached teacher rows: a top-k teacher
+        kd_off = isinstance(distill_config, DistillationConfig) and \
+            distill_config.kd_loss_weight == 0 and \
+            distill_config.kd_loss_weight_scheduler in (None, "none")
+        if model_T is None and not kd_off:  # every batch brings cached rows: a top-k teacher
             lm_config.check_topk_teacher("model_T is None: cached teacher rows")
+        if model_T is not None and lm_config.topk is not None and \
+                lm_config.divergence != "topk_kl":
+            logger.warning("%s: topk=%d cuts the live teacher to its top %d entries for "
+                           "divergence=%r (topk_tail=%r); before 2026-12 only 'topk_kl' read "
+                           "topk", type(self).__name__, lm_config.topk, lm_config.topk,
+                           lm_config.divergence, lm_config.topk_tail)
         if model_T is None and lm_config.seq_kd:
             raise ValueError("seq_kd=True needs a teacher to generate, but model_T is None")
         if model_T is None and lm_config.lmbda > 0:
@@ -126,6 +135,7 @@ class LMDistillerBase(BasicDistiller):
                               self.vocab_size_S, self.vocab_size_T)
         self.path = self._resolve_path()
         self._fused_checked = False
+        self._told_cached = False  # the cached-rows divergence notice, once
 
     @property
     def lm_config(self) -> LMDistillationConfig:
@@ -496,8 +506,14 @@ class LMDistillerBase(BasicDistiller):
                        kd_weight=kd_weight, ce_weight=ce_weight,
                        ignore_index=config.ignore_index, num_tokens=self.window_tokens,
                        vocab_alignment=config.vocab_alignment, return_dict=True)
-        if topk is not None:  # names the config's options, not the loss function's
+        if topk is not None and not self_teacher:  # names the config's options
             config.check_topk_teacher("the batch's cached teacher rows")
+            if config.divergence not in ("forward_kl", "topk_kl") and not self._told_cached:
+                self._told_cached = True
+                logger.warning("%s: divergence=%r is taken against the cached teacher rows "
+                               "(topk_tail=%r); before 2026-12 cached batches always used "
+                               "the forward KL", type(self).__name__, config.divergence,
+                               config.topk_tail)
         if self_teacher:
             options.update(divergence="forward_kl", vocab_alignment=None)
         run_teacher = not self_teacher and topk is None
@@ -523,11 +539,11 @@ class LMDistillerBase(BasicDistiller):
             parts = fused_token_distillation_loss(
                 hidden_S, self.head_S.weight, hidden_T, weight_T, labels, valid, bias_S=bias_S,
                 bias_T=bias_T, chunk_size=config.chunk_size, **options)
-            if self.telemetry is not None:
-                self._record_telemetry(prepared, options, _head_rows(
+            if self._telemetry_on():
+                self._record_telemetry(prepared, options, _head_row_slices(
                     hidden_S, self.head_S.weight, bias_S), None if self_teacher else (
-                    _topk_rows(topk) if weight_T is None else
-                    _head_rows(hidden_T, weight_T, bias_T)))
+                    _topk_row_slices(topk) if weight_T is None else
+                    _head_row_slices(hidden_T, weight_T, bias_T)))
         else:
             logits_S = self._run_logits(self._student_forward, self.adaptor_S, student_inputs,
                                         args, "student")
@@ -554,10 +570,11 @@ class LMDistillerBase(BasicDistiller):
                     logits_S, logits_T, labels, valid,
                     chunk_size=config.chunk_size if self.path == "chunked" else None,
                     **options)
-            if self.telemetry is not None:
-                self._record_telemetry(prepared, options, _logit_rows(logits_S), None if
-                                       self_teacher else _topk_rows(logits_T) if
-                                       isinstance(logits_T, tuple) else _logit_rows(logits_T))
+            if self._telemetry_on():
+                teacher_rows = None if self_teacher else _topk_row_slices(logits_T) if \
+                    isinstance(logits_T, tuple) else _logit_row_slices(logits_T)
+                self._record_telemetry(prepared, options, _logit_row_slices(logits_S),
+                                       teacher_rows)
         loss = parts["loss"]
         named = {"unweighted_kd_loss": parts["kd"]}
         if "ce" in parts:
@@ -599,6 +616,13 @@ class LMDistillerBase(BasicDistiller):
             kd_weight=options["kd_weight"], num_tokens=options["num_tokens"],
             return_dict=True)
 
+    def _telemetry_on(self) -> bool:
+        """Telemetry is asked for and this process writes TensorBoard (nothing else reads
+        it: without a writer the extra pass would be wasted)."""
+        session = self._session
+        return self.telemetry is not None and session is not None and \
+            session.log.writer is not None
+
     def _record_telemetry(self, prepared: PreparedBatch, options: Dict[str, Any],
                           student: Callable, teacher: Optional[Callable]) -> None:
         width = max(self.vocab_size_S, self.vocab_size_T or 0)
@@ -617,13 +641,13 @@ class LMDistillerBase(BasicDistiller):
         return TopKTeacher(ids, logprobs)
 
 
-def _logit_rows(logits: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+def _logit_row_slices(logits: torch.Tensor) -> Callable[[slice], torch.Tensor]:
     """Row slices of (B, L, V) logits, flattened to (B·L, V), without gradient."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
     return lambda rows: flat[rows]
 
 
-def _head_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+def _head_row_slices(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                ) -> Callable[[slice], torch.Tensor]:
     """Row slices of the logits ``hidden @ weight.T + bias`` from (B, L, H) hidden states,
     computed per slice (the fused path never holds them all)."""
@@ -633,7 +657,7 @@ def _head_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return lambda rows: torch.nn.functional.linear(flat[rows], weight, bias)
 
 
-def _topk_rows(teacher: TopKTeacher) -> Callable[[slice], TopKTeacher]:
+def _topk_row_slices(teacher: TopKTeacher) -> Callable[[slice], TopKTeacher]:
     """Row slices of a (B, L, k) top-k teacher, flattened to (B·L, k)."""
     ids, logprobs = (part.reshape(-1, part.shape[-1]) for part in teacher)
     return lambda rows: TopKTeacher(ids[rows], logprobs[rows])

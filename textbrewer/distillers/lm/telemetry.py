@@ -17,7 +17,10 @@ teacher-generated), to TensorBoard:
   target, e.g. the first generated token), bins from ``telemetry_bins``.
 
 The sums stay on the device (no host sync per batch); the token counts come from the host
-tensors of the prepared batch. Under DDP each rank logs its own tokens' means.
+tensors of the prepared batch. The statistics are computed only in a process that writes
+TensorBoard (``TrainingConfig.log_dir`` set; under DDP rank 0), over that process's tokens:
+its ``divergence`` is its local sum over its local count, where the loss's KD term divides
+by the window's count over every rank.
 """
 from __future__ import annotations
 

@@ -124,6 +124,9 @@ def _dense(spec, z_S, teacher, labels, valid, denom, reduction, lead):
     z_S = _up(z_S)
     if spec.divergence == "topk_kl":
         ids, logprobs = teacher
+        # invalid rows may hold anything (−inf padding): their rows are zeroed below, but a
+        # NaN local derivative would still reach the gradient through autograd (0 · NaN)
+        logprobs = logprobs.masked_fill(~valid.unsqueeze(-1), 0.0)
         log_q = torch.log_softmax(z_S / spec.temperature, dim=-1)
         if _topk_is_analytic(spec):
             rows, _ = _topk_rows(spec, log_q, ids, logprobs, want_target=False)

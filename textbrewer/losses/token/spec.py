@@ -17,10 +17,11 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", 
 #: how a top-k teacher's missing mass is rebuilt (``tail=``, see :class:`TopKTeacher`)
 TOPK_TAILS = ("renormalize", "uniform", "bucket")
 _TAILS = TOPK_TAILS
-#: The least tail mass 1 − Σ exp(logprobs) a top-k teacher is given when a divergence other
-#: than the forward KL compares against it (with ``tail='uniform'`` or ``'bucket'``): an fp16
-#: cache's rounded top-k can sum to 1 or more, and an empty tail makes every divergence that
-#: weights the student's mass outside the k ids (reverse KL) infinite.
+#: The least tail mass 1 − Σ exp(logprobs), and the least entry, a top-k teacher is given
+#: when a divergence other than the forward KL compares against it (``tail='uniform'`` or
+#: ``'bucket'``): an fp16 cache's rounded top-k can sum to 1 or more, a masked logit gives an
+#: entry of −inf, and either makes a divergence weighted by the student (reverse KL)
+#: infinite.
 TOPK_TAIL_FLOOR = 1e-6
 #: Divergences that are infinite against a teacher that is 0 somewhere the student is not,
 #: as a renormalised top-k teacher is outside its k ids (with the option that makes them so).
@@ -47,20 +48,24 @@ class TopKTeacher(NamedTuple):
       other V − k ids; p̂ is that V-entry distribution tempered, softmax(log p̂₁ / τ).
 
     * ``'bucket'``: the k ids and one more outcome, "any other id", whose teacher
-      probability is the tail mass; the student's is its own mass outside the k ids. Both
-      are distributions over k + 1 outcomes (tempered as such), compared there.
+      probability is the tail mass; the student's is its own mass outside the k ids (both at
+      τ = 1). Both are distributions over k + 1 outcomes, tempered as such and compared
+      there.
 
-    The student's side is always its full softmax over V, so ``topk_kl`` is the true
-    KL(p̂‖q) between two distributions over V (0 when q = p̂); with ``'bucket'`` it is the
-    KL between the two bucketed distributions, which is at most the KL over V (merging
-    outcomes never increases a divergence).
+    With ``'renormalize'`` and ``'uniform'`` the student's side is its full softmax over
+    V, so ``topk_kl`` is the true KL(p̂‖q) between two distributions over V (0 when
+    q = p̂); with ``'bucket'`` it is the KL between the two bucketed distributions, which at
+    τ = 1 is at most the KL over V against the uniform tail (merging outcomes never
+    increases a divergence).
 
     Any divergence of :data:`DIVERGENCES` can be taken against a top-k teacher (pass the
     teacher and ``divergence=``; ``'topk_kl'`` is the forward KL). The reverse KL KL(q‖p̂)
     weights the student's mass where p̂ is 0, so against a renormalised top-k it is
     infinite: the reverse KL, JSD with β = 1 and skew reverse KL with α = 0 need ``'bucket'``
     (the student's mass outside the k ids is pulled to the teacher's tail mass, not left
-    free) or ``'uniform'``. With either, a tail below :data:`TOPK_TAIL_FLOOR` counts as that.
+    free) or ``'uniform'``. With either, for every divergence but the forward KL (whose
+    closed form is kept as it was), a tail or an entry below :data:`TOPK_TAIL_FLOOR`
+    counts as that.
     """
 
     ids: torch.Tensor
@@ -272,32 +277,47 @@ def _topk_support(spec: _Spec, log_q: torch.Tensor, ids: torch.Tensor, logprobs:
 
     Returns:
         (log q, log p̂): both (n, V) for ``'renormalize'`` and ``'uniform'`` (p̂ as in
-        :class:`TopKTeacher`), both (n, k + 1) for ``'bucket'`` (the k ids, then the rest).
+        :class:`TopKTeacher`), both (n, k + 1) for ``'bucket'`` (the k ids, then the rest):
+        each side bucketed at τ = 1, then tempered as a (k + 1)-outcome distribution, so
+        that a student equal to the teacher has divergence 0 at every τ.
     """
     vocab, k = log_q.shape[-1], ids.shape[-1]
-    scaled = logprobs.to(log_q.dtype) / spec.temperature
+    tau = spec.temperature
     if spec.tail == "renormalize" or k >= vocab:
         log_p = torch.full_like(log_q, float("-inf"))
+        scaled = logprobs.to(log_q.dtype) / tau
         return log_q, log_p.scatter_(-1, ids, torch.log_softmax(scaled, dim=-1))
+    floor = math.log(TOPK_TAIL_FLOOR)
+    logprobs = logprobs.to(log_q.dtype)
     # log(1 − Σ p) at τ = 1, floored: the tail an fp16-rounded top-k can leave empty
-    top_mass = torch.logsumexp(logprobs.to(log_q.dtype), dim=-1).clamp(max=0.0)
-    log_tail = torch.log(-torch.expm1(top_mass)).clamp(min=math.log(TOPK_TAIL_FLOOR))
+    top_mass = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
+    log_tail = torch.log(-torch.expm1(top_mass)).clamp(min=floor)
+    # an entry the teacher gives no mass (−inf: a masked logit) is floored too, so that a
+    # divergence weighted by the student stays finite there
+    logprobs = logprobs.clamp(min=floor)
     if spec.tail == "bucket":
-        log_p = torch.log_softmax(
-            torch.cat([scaled, (log_tail / spec.temperature).unsqueeze(-1)], -1), dim=-1)
-        # 0 outside the k ids, −inf on them: log_q + outside sums the student's rest
-        outside = torch.zeros_like(log_q).scatter_(-1, ids, float("-inf"))
-        log_q_rest = torch.logsumexp(log_q + outside, dim=-1, keepdim=True)
-        return torch.cat([log_q.gather(-1, ids), log_q_rest], -1), log_p
+        log_p = torch.log_softmax(torch.cat([logprobs, log_tail.unsqueeze(-1)], -1) / tau, -1)
+        # the student at τ = 1 (log_softmax(τ · log q) is log_softmax(z)), bucketed, tempered
+        log_q1 = torch.log_softmax(log_q * tau, dim=-1) if tau != 1.0 else log_q
+        # 0 outside the k ids, −inf on them: log_q1 + outside sums the student's rest
+        outside = torch.zeros_like(log_q1).scatter_(-1, ids, float("-inf"))
+        log_q_rest = torch.logsumexp(log_q1 + outside, dim=-1, keepdim=True)
+        buckets = torch.cat([log_q1.gather(-1, ids), log_q_rest], -1)
+        return (torch.log_softmax(buckets / tau, dim=-1) if tau != 1.0 else buckets), log_p
     # 'uniform': each of the V − k other ids holds tail / (V − k), then all of it tempered
-    log_u = (log_tail - math.log(vocab - k)) / spec.temperature
-    log_p = log_u.unsqueeze(-1).expand_as(log_q).clone().scatter_(-1, ids, scaled)
+    log_u = (log_tail - math.log(vocab - k)) / tau
+    log_p = log_u.unsqueeze(-1).expand_as(log_q).clone().scatter_(-1, ids, logprobs / tau)
     return log_q, torch.log_softmax(log_p, dim=-1)
 
 
 def _topk_divergence_rows(spec: _Spec, log_q: torch.Tensor, ids: torch.Tensor,
                           logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token ``spec.topk_divergence`` (n,) against a top-k teacher (autograd-able)."""
+    """Per-token ``spec.topk_divergence`` (n,) against a top-k teacher (autograd-able).
+
+    Args:
+        log_q: (n, V) student log-probabilities at τ; ids: (n, k) int64; logprobs: (n, k)
+            teacher log-probs at τ = 1 (see :func:`_topk_support`).
+    """
     log_q_s, log_p_s = _topk_support(spec, log_q, ids, logprobs)
     return _divergence_rows(spec, log_q_s, log_p_s, spec.topk_divergence)
 
