@@ -86,7 +86,7 @@ IMAGE_SIZE = 16
 TRAIN_SIZE = 150  # labelled images of the students; the teacher has all the training labels
 TEACHER_CONFIG = dict(widths=[16, 32, 64], num_classes=10)
 STUDENT_CONFIG = dict(widths=[4, 8, 16], num_classes=10)
-METHODS = ("student_alone", "kd", "dkd", "fitnets", "at", "rkd", "crd",
+METHODS = ("student_alone", "kd", "dkd", "fitnets", "fitnets_kd", "at", "at_kd", "rkd", "crd",
            "student_alone_mixup", "kd_function_matching", "student_alone_long", "patient_kd")
 # Not in the default table: the two losses of "Combining methods" in docs/methods.md.
 EXTRA_METHODS = ("crd_kd",)
@@ -266,11 +266,11 @@ SETTINGS = dict(
     long_epochs=180,        # student_alone_long and patient_kd: 12x the budget
     alone_long_mix="mixup",  # student_alone_long: 'mixup' (images and labels) or 'none'
     patient_temperature=4.0,  # patient_kd
+    fitnet_weight=1.0,      # fitnets, fitnets_kd: the hint's weight; from 0.3, 1, 3, 10
+    at_weight=1.0,          # at, at_kd: per layer; from 1, 3, 10, 30 (and 100, far worse)
+    crd_weight=0.8,         # crd, crd_kd: the paper's beta; from 0.2, 0.8, 3.2
 )
-FITNET_WEIGHT = 1.0
-AT_WEIGHT = 10.0         # per layer; 100 was far worse on the held-out images
 RKD_WEIGHTS = (25.0, 50.0)  # distance, angle: the paper's
-CRD_WEIGHT = 0.8         # the paper's beta
 CRD_OPTIONS = dict(feat_dim=64, queue_size=512, temperature=0.1)
 # Each row's baseline: the student alone with the same number of epochs.
 BASELINES = {"kd_function_matching": "student_alone_mixup",
@@ -291,7 +291,7 @@ def method_config(method: str, teacher: nn.Module,
     # The penultimate embedding: what the classifier receives (N, C3). No adaptor and no
     # change to forward() is needed to get it: a forward pre-hook records the input.
     embedding = dict(module_T="classifier", module_S="classifier", capture="input")
-    crd = dict(loss="crd", weight=CRD_WEIGHT, **embedding,
+    crd = dict(loss="crd", weight=SETTINGS["crd_weight"], **embedding,
                loss_options=dict(dim_in=width_S[2], dim_out=width_T[2], **CRD_OPTIONS))
     if method == "kd":
         return DistillationConfig(kd_loss_weight=SETTINGS["kd_weight"], **common), []
@@ -307,7 +307,7 @@ def method_config(method: str, teacher: nn.Module,
         return DistillationConfig(**{**common, "kd_loss_type": ["dkd", 1.0, SETTINGS["dkd_beta"]],
                                      "temperature": SETTINGS["dkd_temperature"]},
                                   kd_loss_weight_scheduler=["warmup", SETTINGS["dkd_warmup"]]), []
-    if method == "fitnets":
+    if method in ("fitnets", "fitnets_kd"):
         # The hint: student layer2 (N, 8, 4, 4), through a learned 1x1 conv + batch norm,
         # regresses teacher layer2 (N, 32, 4, 4). The same match in the config form is
         #   {"module_T": "layer2", "module_S": "layer2", "loss": "fitnet",
@@ -315,15 +315,20 @@ def method_config(method: str, teacher: nn.Module,
         # (its regressor is then drawn when the distiller is built, so the numbers differ
         # slightly from the table in examples/README.md, which was measured with this
         # CustomMatch).
+        # fitnets_kd adds KD on the logits in the same stage: the hint alone gives the
+        # unlabelled images no class information (FitNets' own second stage is KD).
         hint = CustomMatch(module_T=teacher.layer2, module_S=student.layer2,
-                           weight=FITNET_WEIGHT, loss="fitnet",
+                           weight=SETTINGS["fitnet_weight"], loss="fitnet",
                            proj_func=textbrewer.PROJ_MAP["conv1x1"](width_S[1], width_T[1]))
-        return DistillationConfig(kd_loss_weight=0.0, **common), [hint]
-    if method == "at":
+        kd_weight = SETTINGS["kd_weight"] if method == "fitnets_kd" else 0.0
+        return DistillationConfig(kd_loss_weight=kd_weight, **common), [hint]
+    if method in ("at", "at_kd"):
         # Spatial attention maps need equal H x W on both sides, not equal channels.
-        matches = [dict(module_T=name, module_S=name, loss="at", weight=AT_WEIGHT)
+        # at_kd: AT + KD, the combination the AT paper reports best.
+        matches = [dict(module_T=name, module_S=name, loss="at", weight=SETTINGS["at_weight"])
                    for name in ("layer1", "layer2", "layer3")]
-        return DistillationConfig(kd_loss_weight=0.0, intermediate_matches=matches,
+        kd_weight = SETTINGS["kd_weight"] if method == "at_kd" else 0.0
+        return DistillationConfig(kd_loss_weight=kd_weight, intermediate_matches=matches,
                                   **common), []
     if method == "rkd":
         # Relations between the examples of a batch: widths 16 and 64 need no projection.

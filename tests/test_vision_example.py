@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
-METHODS = ("student_alone", "kd", "dkd", "fitnets", "at", "rkd", "crd",
+METHODS = ("student_alone", "kd", "dkd", "fitnets", "fitnets_kd", "at", "at_kd", "rkd", "crd",
            "student_alone_mixup", "kd_function_matching", "student_alone_long", "patient_kd")
 
 
