@@ -16,7 +16,8 @@ from .adaptors import AdaptorError
 from .capture import ModuleCapture
 from .checkpoint import CheckpointError
 from .distillers.engine import Phase
-from .distillers.lm import CausalLMDistiller, LMDistillationConfig, Seq2SeqLMDistiller
+from .distillers.lm import (CausalLMDistiller, DistiLLM2Distiller, LMDistillationConfig,
+                            Seq2SeqLMDistiller)
 from .logs import NonFiniteLossError, set_verbosity
 from .training.sources import EmptyDataError
 from .losses.token import TokenDistillationLoss
@@ -41,5 +42,5 @@ __all__ = [
     "registry", "AdaptorError", "NonFiniteLossError", "EmptyDataError", "RegistryError",
     "CheckpointError", "Phase", "ModuleCapture", "TokenDistillationLoss", "set_verbosity",
     "capture", "checkpoint", "data_utils", "logs", "CausalLMDistiller", "Seq2SeqLMDistiller",
-    "LMDistillationConfig", "recipes", "teaching",
+    "DistiLLM2Distiller", "LMDistillationConfig", "recipes", "teaching",
 ]

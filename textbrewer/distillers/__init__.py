@@ -3,7 +3,8 @@ from .basic import BasicDistiller
 from .composer import LossComposer, probability_shift_, select_logits_with_mask
 from .engine import AbstractDistiller
 from .general import CustomMatch, GeneralDistiller
-from .lm import CausalLMDistiller, LMDistillationConfig, Seq2SeqLMDistiller
+from .lm import (CausalLMDistiller, DistiLLM2Distiller, LMDistillationConfig,
+                 Seq2SeqLMDistiller)
 from .multi_task import MultiTaskDistiller
 from .multi_teacher import MultiTeacherDistiller
 from ..training.runtime import Runtime, move_to_device
@@ -12,4 +13,4 @@ from .trainer import BasicTrainer
 __all__ = ["AbstractDistiller", "BasicDistiller", "GeneralDistiller", "CustomMatch",
            "MultiTeacherDistiller", "MultiTaskDistiller", "BasicTrainer", "LossComposer",
            "Runtime", "move_to_device", "probability_shift_", "select_logits_with_mask",
-           "CausalLMDistiller", "Seq2SeqLMDistiller", "LMDistillationConfig"]
+           "CausalLMDistiller", "DistiLLM2Distiller", "Seq2SeqLMDistiller", "LMDistillationConfig"]

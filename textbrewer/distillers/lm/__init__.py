@@ -31,6 +31,7 @@ The package, by concern: :mod:`.config` (the options), :mod:`.alignment` (target
 with the logits, per kind of LM), :mod:`.generation` (on-policy and sequence-level
 batches), :mod:`.heads` (logits from outputs, and the output-head swap of the fused path),
 :mod:`.base` (the loss of one batch), :mod:`.causal` and :mod:`.seq2seq` (the distillers),
+:mod:`.distillm2` (DistiLLM-2's contrastive distiller),
 :mod:`.cross_tokenizer` (two tokenizers: aligned token groups, the vocabulary map, the
 collator; the losses are in :mod:`textbrewer.losses.token.cross`).
 """
@@ -39,7 +40,9 @@ from .base import LMDistillerBase
 from .causal import CausalLMDistiller
 from .config import LMDistillationConfig
 from .cross_tokenizer import CrossTokenizerCollator, align_token_groups, vocabulary_map
+from .distillm2 import DistiLLM2Distiller
 from .seq2seq import Seq2SeqLMDistiller
 
 __all__ = ["LMDistillationConfig", "LMDistillerBase", "CausalLMDistiller", "Seq2SeqLMDistiller",
-           "PreparedBatch", "CrossTokenizerCollator", "align_token_groups", "vocabulary_map"]
+           "DistiLLM2Distiller", "PreparedBatch", "CrossTokenizerCollator", "align_token_groups",
+           "vocabulary_map"]
