@@ -422,7 +422,7 @@ def train(model, loader, args, device, steps: int, lr: float, seed: int, output_
                    **schedule, **options)
         return report
     lm_config = LMDistillationConfig(divergence=divergence, beta=args.beta, alpha=args.alpha,
-                                     taid_schedule=args.taid_schedule,
+                                     taid_schedule=args.taid_schedule, akl_mu=args.akl_mu,
                                      topk_tail=args.cache_tail)
     distiller = CausalLMDistiller(config, distill_config,
                                   model_T=teacher, model_S=model, lm_config=lm_config)
@@ -469,13 +469,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="α of 'skew_kl' and 'skew_reverse_kl' (DistiLLM)")
     parser.add_argument("--taid-schedule", choices=("adaptive", "linear"), default="adaptive",
                         help="how TAID's t moves from 0.4 to 1 (docs/objectives.md)")
+    parser.add_argument("--akl-mu", type=float, default=0.5,
+                        help="μ of 'akl': the teacher mass of the head (the paper's 0.5)")
     parser.add_argument("--hard-label-weight", type=float, default=1.0,
                         help="weight of the cross-entropy next to the KD term (weight 1)")
     parser.add_argument("--from-cache", action="store_true",
                         help="also train the student from the teacher's top-k cache, "
                              "without the teacher")
     parser.add_argument("--cache-k", type=int, default=16, help="top-k entries kept per byte")
-    parser.add_argument("--cache-tail", choices=("renormalize", "uniform"), default="uniform",
+    parser.add_argument("--cache-tail", choices=("renormalize", "uniform", "bucket"),
+                        default="uniform",
                         help="what the cached top-k does with the rest of the probability")
     parser.add_argument("--sequence-length", type=int, default=64)
     parser.add_training_options(lr=3e-3, batch_size=16, lr_help="students' learning rate")
@@ -631,7 +634,7 @@ def main(argv=None) -> Dict[str, Any]:
                             "write_seconds": round(cache_seconds, 1)}
     results["run"] = common.run_record(args, started, [
         "steps", "teacher_steps", "seeds", "divergences", "temperature", "beta", "alpha",
-        "taid_schedule", "lmbda", "prompt_length",
+        "taid_schedule", "akl_mu", "lmbda", "prompt_length",
         "hard_label_weight", "lr", "teacher_lr", "batch_size", "threads", "quick"],
         settings={"device": str(device)})
     results["run"]["cpu_seconds"] = round(time.process_time() - cpu_started, 1)

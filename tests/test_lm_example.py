@@ -84,3 +84,23 @@ def test_parameter_counts_match_the_configs(quick_run):
     for name in MODELS:
         pattern = os.path.join(output_dir, name, "**", "gs*.pkl")
         assert glob.glob(pattern, recursive=True), f"no checkpoint matches {pattern}"
+
+
+def test_the_on_policy_rows_run_as_a_user_runs_them(tmp_path):
+    """The on-policy comparison rows (GKD, DistiLLM's schedule, DistiLLM-2 with the teacher's
+    generated responses) at quick size: each trains and is scored like the others."""
+    pytest.importorskip("transformers")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "lm_distillation.py"), "--quick",
+         "--divergences", "forward_kl", "gkd_jsd", "distillm", "distillm2_teacher",
+         "--output-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    with open(tmp_path / "results.json", encoding="utf-8") as handle:
+        models = json.load(handle)["models"]
+    for name in ("distilled_gkd_jsd", "distilled_distillm", "distilled_distillm2_teacher"):
+        value = models[name]["perplexity"]
+        assert math.isfinite(value) and 1.0 < value < 256, name
+        assert f"{value:.3f}" in completed.stdout, name
