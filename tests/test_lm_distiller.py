@@ -299,6 +299,27 @@ def test_training_from_the_cache_matches_the_live_teachers_topk(tmp_path):
 
 
 # ------------------------------------------------------------------------------ on-policy
+def test_hard_labels_on_the_students_own_samples_are_optional(tmp_path):
+    """hard_labels_on_generated=False: a student-generated batch trains on the divergence
+    alone (GKD's loss), the same generated batch; True adds the CE on the samples."""
+    teacher, student = gpt2(2, 32, seed=1), gpt2(seed=2)
+    batch = collate(examples(3))
+    losses = {}
+    for on_generated in (True, False):
+        lm = LMDistillationConfig(lmbda=1.0, max_new_tokens=3, top_k=10, seed=7,
+                                  hard_labels_on_generated=on_generated, path="dense")
+        d = distiller(teacher, student, tmp_path, lm, hard_label_weight=0.5)
+        prepared = d.prepare_batch(batch)
+        assert prepared.source == "student"
+        losses[on_generated] = d.compute_token_loss(prepared, {})
+    (with_ce, parts), (without, alone) = losses[True], losses[False]
+    torch.testing.assert_close(alone["unweighted_kd_loss"], parts["unweighted_kd_loss"])
+    torch.testing.assert_close(without, alone["unweighted_kd_loss"])
+    torch.testing.assert_close(with_ce, parts["unweighted_kd_loss"]
+                               + 0.5 * parts["unweighted_hard_label_loss"])
+    assert parts["unweighted_hard_label_loss"] > 0
+
+
 def test_on_policy_generation_is_reproducible_and_explicit(tmp_path):
     teacher, student = gpt2(2, 32, seed=1), gpt2(seed=2)
     batch = collate(examples(3))

@@ -490,6 +490,8 @@ class LMDistillerBase(BasicDistiller):
         config, runtime = self.lm_config, self.runtime
         kd_weight = float(self.composer.kd_loss_weight)
         ce_weight = float(self.composer.hard_label_weight)
+        if prepared.source == "student" and not config.hard_labels_on_generated:
+            ce_weight = 0.0  # the student's own samples are no targets (GKD, TRL)
         labels = runtime.to_device(prepared.labels)
         valid = runtime.to_device(prepared.valid)
         topk = None if prepared.topk is None else TopKTeacher(
