@@ -17,12 +17,7 @@ transformers.utils.logging.set_verbosity_error()
 VOCAB, EOS, PAD = 32, 1, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def gpt2(n_layer=1, n_embd=16, seed=0):

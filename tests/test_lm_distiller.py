@@ -20,14 +20,7 @@ transformers.utils.logging.set_verbosity_error()
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is faster, and far faster on a busy machine (OpenMP threads
-    # spinning against other processes); restored for the other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def gpt2(n_layer=1, n_embd=16, vocab=VOCAB, seed=0):

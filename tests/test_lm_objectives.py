@@ -30,12 +30,7 @@ transformers.utils.logging.set_verbosity_error()
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randn(*shape, seed, scale=1.0):

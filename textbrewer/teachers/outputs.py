@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..training.runtime import move_to_device
+
 __all__ = ["OutputsSource", "LocalOutputs", "CachedOutputs", "MixtureOutputs",
            "RoutedOutputs", "TeacherOutputsCollator", "write_teacher_outputs",
            "MIXTURE_MODES"]
@@ -114,7 +116,7 @@ class LocalOutputs(OutputsSource):
             (p.device for p in model.parameters()), torch.device("cpu"))
 
     def outputs(self, batch: Any, examples: Sequence[Any] = ()) -> Outputs:
-        moved = _to(batch, self.device)
+        moved = move_to_device(batch, self.device)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -124,16 +126,6 @@ class LocalOutputs(OutputsSource):
             self.model.train(was_training)
         return {key: value.cpu() for key, value in
                 _as_dict(raw, self.keys, "LocalOutputs").items()}
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {key: _to(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(value, device) for value in batch)
-    return batch
 
 
 def _example_hash(example: Any, key: str) -> str:

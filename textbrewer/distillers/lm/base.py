@@ -19,7 +19,8 @@ from .alignment import CausalAlignment, PreparedBatch, cached_topk
 from .config import LMDistillationConfig
 from .generation import (AdaptiveOffPolicySchedule, Sampler, check_end_of_sequence,
                          check_generation_options)
-from .telemetry import TokenTelemetry, token_statistics
+from .telemetry import (TokenTelemetry, head_row_slices, logit_row_slices, token_statistics,
+                        topk_row_slices)
 from .heads import (call_model, check_fused_head, head_bias, hidden_before_head, logits_of,
                     output_head, vocab_size)
 
@@ -542,10 +543,10 @@ class LMDistillerBase(BasicDistiller):
                 hidden_S, self.head_S.weight, hidden_T, weight_T, labels, valid, bias_S=bias_S,
                 bias_T=bias_T, chunk_size=config.chunk_size, **options)
             if self._telemetry_on():
-                self._record_telemetry(prepared, options, _head_row_slices(
+                self._record_telemetry(prepared, options, head_row_slices(
                     hidden_S, self.head_S.weight, bias_S), None if self_teacher else (
-                    _topk_row_slices(topk) if weight_T is None else
-                    _head_row_slices(hidden_T, weight_T, bias_T)))
+                    topk_row_slices(topk) if weight_T is None else
+                    head_row_slices(hidden_T, weight_T, bias_T)))
         else:
             logits_S = self._run_logits(self._student_forward, self.adaptor_S, student_inputs,
                                         args, "student")
@@ -573,9 +574,9 @@ class LMDistillerBase(BasicDistiller):
                     chunk_size=config.chunk_size if self.path == "chunked" else None,
                     **options)
             if self._telemetry_on():
-                teacher_rows = None if self_teacher else _topk_row_slices(logits_T) if \
-                    isinstance(logits_T, tuple) else _logit_row_slices(logits_T)
-                self._record_telemetry(prepared, options, _logit_row_slices(logits_S),
+                teacher_rows = None if self_teacher else topk_row_slices(logits_T) if \
+                    isinstance(logits_T, tuple) else logit_row_slices(logits_T)
+                self._record_telemetry(prepared, options, logit_row_slices(logits_S),
                                        teacher_rows)
         loss = parts["loss"]
         named = {"unweighted_kd_loss": parts["kd"]}
@@ -641,26 +642,4 @@ class LMDistillerBase(BasicDistiller):
                              f"{logits_T.shape[-1]}")
         logprobs, ids = logits_T.float().log_softmax(-1).topk(k, dim=-1)
         return TopKTeacher(ids, logprobs)
-
-
-def _logit_row_slices(logits: torch.Tensor) -> Callable[[slice], torch.Tensor]:
-    """Row slices of (B, L, V) logits, flattened to (B·L, V), without gradient."""
-    flat = logits.detach().reshape(-1, logits.shape[-1])
-    return lambda rows: flat[rows]
-
-
-def _head_row_slices(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
-               ) -> Callable[[slice], torch.Tensor]:
-    """Row slices of the logits ``hidden @ weight.T + bias`` from (B, L, H) hidden states,
-    computed per slice (the fused path never holds them all)."""
-    flat = hidden.detach().reshape(-1, hidden.shape[-1])
-    weight = weight.detach()
-    bias = None if bias is None else bias.detach()
-    return lambda rows: torch.nn.functional.linear(flat[rows], weight, bias)
-
-
-def _topk_row_slices(teacher: TopKTeacher) -> Callable[[slice], TopKTeacher]:
-    """Row slices of a (B, L, k) top-k teacher, flattened to (B·L, k)."""
-    ids, logprobs = (part.reshape(-1, part.shape[-1]) for part in teacher)
-    return lambda rows: TopKTeacher(ids[rows], logprobs[rows])
 

@@ -249,7 +249,7 @@ class LMDistillationConfig(Config):
         if self.divergence in OBJECTIVES:
             raise ValueError(f"divergence={self.divergence!r} needs the teacher's full "
                              f"logits, not a top-k teacher ({why}); use one of "
-                             f"{[d for d in DIVERGENCES]} against a top-k teacher")
+                             f"{list(DIVERGENCES)} against a top-k teacher")
         if self.token_alignment is not None:
             raise ValueError(f"token_alignment={self.token_alignment!r} needs the teacher's "
                              f"full logits, not a top-k teacher ({why})")

@@ -31,7 +31,8 @@ import torch
 from ...losses.token import OBJECTIVES, TopKTeacher, token_distillation_loss
 from ...losses.token.spec import _make_spec, _topk_support
 
-__all__ = ["TokenTelemetry", "token_statistics", "BATCH_KINDS"]
+__all__ = ["TokenTelemetry", "token_statistics", "BATCH_KINDS", "logit_row_slices",
+           "head_row_slices", "topk_row_slices"]
 
 #: a prepared batch's ``source`` -> its name in the telemetry
 BATCH_KINDS = {"data": "dataset", "student": "on_policy", "teacher": "seq_kd"}
@@ -173,3 +174,27 @@ class TokenTelemetry:
 
     def reset(self) -> None:
         self._sums, self._counts = {}, {}
+
+
+# ------------------------------------------------------------ the rows token_statistics reads
+def logit_row_slices(logits: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+    """Row slices of (B, L, V) logits, flattened to (B·L, V), without gradient."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    return lambda rows: flat[rows]
+
+
+def head_row_slices(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                    ) -> Callable[[slice], torch.Tensor]:
+    """Row slices of the logits ``hidden @ weight.T + bias`` from (B, L, H) hidden states,
+    computed per slice (the fused path never holds them all)."""
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    return lambda rows: torch.nn.functional.linear(flat[rows], weight, bias)
+
+
+def topk_row_slices(teacher: TopKTeacher) -> Callable[[slice], TopKTeacher]:
+    """Row slices of a (B, L, k) top-k teacher, flattened to (B·L, k)."""
+    ids, logprobs = (part.reshape(-1, part.shape[-1]) for part in teacher)
+    return lambda rows: TopKTeacher(ids[rows], logprobs[rows])
+
