@@ -12,7 +12,8 @@ head. Implementations (``--impls``):
   logits computed per chunk of hidden states as its docstring shows. It returns the soft
   cross-entropy −Σ p log q, so its ``loss`` is the KL plus the teacher's entropy; the JSON
   gives both ``loss`` and ``loss_as_kl`` (= loss − H(p), the entropy from the reference).
-  Forward KL only.
+  Forward KL only: torchtune 0.6.1 has no JSD, and a JSD case lists it as skipped with
+  that reason (so does ``ours_topk``, which is ``topk_kl`` only).
 * ``trl``: TRL's ``GKDTrainer.generalized_jsd_loss`` (β = 0 is the forward KL) on the full
   logits, in the logits' dtype (TRL does not up-cast bf16).
 * ``ours_dense``, ``ours_chunked``: ``token_distillation_loss`` on the full logits
@@ -56,9 +57,14 @@ Measurement. Each (case, implementation) runs in fresh subprocesses:
 
 A case whose estimated peak resident set exceeds ``--memory-cap-mib`` is skipped for that
 implementation, with the estimate in the reason (from the bytes per logit measured on a
-smaller case of the same implementation and dtype; untried implementations are run).
-``ratio_*_to_best_peer`` divide by the best peer (``plain``, ``torchtune``, ``trl``) that ran
-in the same case: below 1 is better than every peer. Losses are compared with a float64
+smaller case of the same implementation, dtype and divergence, in this run or in the
+JSON outputs named by ``--estimates-from``; untried implementations are run).
+Every worker also runs under an address-space limit (``RLIMIT_AS``,
+``--address-space-limit-mib``, default the cap + 4,096 MiB for the libraries' mappings): an
+estimate that was too low makes that worker fail (``skipped``: "memory run failed"), never
+the machine run out of memory. ``ratio_*_to_best_peer`` divide by the best peer
+(``plain``, ``torchtune``, ``trl``) that ran in the same case: below 1 is better than every
+peer. Losses are compared with a float64
 reference computed in 128-token blocks (``abs_err_vs_ref``).
 
 Output: one JSON document on stdout; ``--table`` also prints a Markdown table on stderr.
@@ -74,6 +80,7 @@ import importlib.util
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -93,6 +100,10 @@ OURS = ("ours_dense", "ours_chunked", "ours_fused", "ours_topk")
 IMPLS = PEERS + OURS
 #: Implementations that have each divergence.
 HAS = {"forward_kl": IMPLS, "jsd": ("plain", "trl", "ours_dense", "ours_chunked", "ours_fused")}
+#: Why an implementation lacks a divergence (an entry in the JSON and the table, not a gap).
+LACKS = {("torchtune", "jsd"): "torchtune 0.6.1 has no JSD loss (modules/loss/kd_losses.py: "
+                               "forward, reverse and symmetric KL only)",
+         ("ours_topk", "jsd"): "the cache path is topk_kl only (a different objective)"}
 #: Peak extra bytes per logit measured here (fp32, V 128,256, N 2,048) for the
 #: implementations that hold full logits: the estimate before a smaller case has been run.
 PRIOR_BYTES_PER_LOGIT = {"plain": 28.0, "torchtune": 18.0, "trl": 36.0, "ours_dense": 29.0,
@@ -388,12 +399,30 @@ def _command(args, case: dict, role: str, impl: str = "") -> list:
             "--seed", str(args.seed), "--scale", str(args.scale)]
 
 
-def _run_once(command: list, env: dict) -> dict:
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+def _limit(mib: int):
+    """A ``preexec_fn`` capping the child's address space (an allocation past it fails in
+    the child, which exits non-zero, instead of the machine running out of memory)."""
+    def apply() -> None:
+        if mib > 0:
+            resource.setrlimit(resource.RLIMIT_AS, (mib * 2 ** 20, mib * 2 ** 20))
+    return apply
+
+
+def _run_once(command: list, env: dict, limit_mib: int = 0) -> dict:
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
+                            preexec_fn=_limit(limit_mib))
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["(no stderr)"])[-1]
         raise RuntimeError(f"exit {result.returncode}: {tail}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _remember(per_logit: dict, key: tuple, vocab: int, record: dict, logits: int) -> None:
+    """Keep the largest bytes per logit measured, per key and per (key, vocabulary)."""
+    for k in (key, key + (vocab,)):
+        per_logit[k] = (record["baseline_rss_mib"],
+                        max(per_logit.get(k, (0, 0.0))[1],
+                            record["peak_extra_mib"] * 2 ** 20 / logits))
 
 
 def run_case(args, case: dict, impls: list, per_logit: dict, log) -> dict:
@@ -403,10 +432,11 @@ def run_case(args, case: dict, impls: list, per_logit: dict, log) -> dict:
     ref = _run_once(_command(args, case, "reference"), env)
     results, runnable = {}, []
     for impl in impls:
-        key = (impl, case["dtype"])
-        if key in per_logit or impl in PRIOR_BYTES_PER_LOGIT:
-            baseline, bytes_per_logit = per_logit.get(key, (PRIOR_BASELINE_MIB,
-                                                            PRIOR_BYTES_PER_LOGIT.get(impl)))
+        key = (impl, case["dtype"], case["divergence"])
+        same_vocab = key + (case["vocab"],)  # preferred: a fixed part scales with V only
+        if same_vocab in per_logit or key in per_logit or impl in PRIOR_BYTES_PER_LOGIT:
+            baseline, bytes_per_logit = per_logit.get(same_vocab, per_logit.get(key, (
+                PRIOR_BASELINE_MIB, PRIOR_BYTES_PER_LOGIT.get(impl))))
             estimate = baseline + bytes_per_logit * logits / 2 ** 20
             if estimate > args.memory_cap_mib:
                 results[impl] = {"impl": impl, "skipped": (
@@ -416,14 +446,13 @@ def run_case(args, case: dict, impls: list, per_logit: dict, log) -> dict:
                 log(f"  {impl}: skipped ({results[impl]['skipped']})")
                 continue
         try:
-            record = _run_once(_command(args, case, "memory", impl), memory_env)
+            record = _run_once(_command(args, case, "memory", impl), memory_env,
+                               args.address_space_limit_mib)
         except RuntimeError as error:
             results[impl] = {"impl": impl, "skipped": f"memory run failed: {error}"}
             log(f"  {impl}: {results[impl]['skipped']}")
             continue
-        per_logit[key] = (record["baseline_rss_mib"],
-                          max(per_logit.get(key, (0, 0.0))[1],
-                              record["peak_extra_mib"] * 2 ** 20 / logits))
+        _remember(per_logit, key, case["vocab"], record, logits)
         results[impl] = {"impl": impl, "memory_loss": record.pop("loss"), **record}
         runnable.append(impl)
         log(f"  {impl}: peak extra {record['peak_extra_mib']:,.1f} MiB")
@@ -431,7 +460,8 @@ def run_case(args, case: dict, impls: list, per_logit: dict, log) -> dict:
     try:
         for impl in runnable:  # started one at a time: each warm-up runs alone
             proc = subprocess.Popen(_command(args, case, "time", impl), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True, env=env)
+                                    stdout=subprocess.PIPE, text=True, env=env,
+                                    preexec_fn=_limit(args.address_space_limit_mib))
             line = proc.stdout.readline()
             if not line:
                 results[impl]["skipped"] = f"timing worker died (exit {proc.wait()})"
@@ -534,6 +564,13 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-cap-mib", type=int, default=6144,
                         help="skip an implementation whose estimated peak RSS exceeds this")
+    parser.add_argument("--estimates-from", default="",
+                        help="comma-separated JSON outputs of earlier runs: their measured "
+                             "bytes per logit seed the memory estimates")
+    parser.add_argument("--address-space-limit-mib", type=int, default=None,
+                        help="RLIMIT_AS of every worker (0: none; default: the memory cap "
+                             "+ 4,096 MiB for the libraries' mappings), so that an "
+                             "underestimate fails that worker, never the machine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=4.0,
                         help="logit scale: head weights ~ N(0, scale² / H)")
@@ -545,6 +582,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.address_space_limit_mib is None:
+        args.address_space_limit_mib = args.memory_cap_mib + 4096
     if args.role is not None:
         worker(args)
         return
@@ -566,6 +605,14 @@ def main(argv=None) -> None:
                                  for n in args.token_counts.split(",")),
                                 key=lambda vn: vn[0] * vn[1])]
     per_logit, done = {}, []
+    for path in filter(None, args.estimates_from.split(",")):
+        with open(path) as f:
+            for case in json.load(f)["cases"]:
+                logits = case["vocab"] * case["tokens"]
+                for entry in case["results"]:
+                    if "peak_extra_mib" in entry:
+                        _remember(per_logit, (entry["impl"], case["dtype"], case["divergence"]),
+                                  case["vocab"], entry, logits)
     for case in cases:
         log(f"case {case}")
         impls = [i for i in wanted if i in HAS[case["divergence"]]]
@@ -573,12 +620,15 @@ def main(argv=None) -> None:
         result = run_case(args, case, [i for i in impls if i not in unavailable], per_logit, log)
         result["results"] += [{"impl": i, "skipped": f"peer unavailable: {peers[i]['reason']}"}
                               for i in unavailable]
+        result["results"] += [{"impl": i, "skipped": LACKS[i, case["divergence"]]}
+                              for i in wanted if (i, case["divergence"]) in LACKS]
         done.append(result)
     document = dict(benchmark="lm_loss_peers", machine=_machine(), peers=peers,
                     settings=dict(hidden_student=args.hidden_student,
                                   hidden_teacher=args.hidden_teacher, batch=BATCH,
                                   beta=args.beta, chunk_size=args.chunk_size, topk=args.topk,
                                   repeats=args.repeats, memory_cap_mib=args.memory_cap_mib,
+                                  address_space_limit_mib=args.address_space_limit_mib,
                                   scale=args.scale, seed=args.seed),
                     cases=done)
     print(json.dumps(document, indent=1))
