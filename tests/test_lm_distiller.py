@@ -156,6 +156,114 @@ def test_all_masked_batch_gives_zero_and_no_nan(tmp_path):
         student.zero_grad()
 
 
+# ------------------------------------------------------------------------------ gathering
+def test_valid_row_index_gathers_only_where_it_pays():
+    from textbrewer.distillers.lm.alignment import gather_rows, valid_row_index
+    valid = torch.tensor([[True, False, True, False], [False, False, True, False]])
+    for path in ("dense", "chunked", "fused"):  # 3 of 8 valid: every path gathers
+        assert valid_row_index(valid, 3, path).tolist() == [0, 2, 6]
+    full = torch.ones(2, 4, dtype=torch.bool)
+    assert valid_row_index(full, 8, "fused") is None  # nothing to drop
+    mostly = torch.ones(2, 8, dtype=torch.bool)
+    mostly[1, 7] = False  # 15 of 16 valid: gathering the logits costs more than it saves...
+    assert valid_row_index(mostly, 15, "dense") is None
+    assert valid_row_index(mostly, 15, "chunked") is None
+    assert valid_row_index(mostly, 15, "fused").tolist() == list(range(15))  # ...not hidden
+    mostly[0, :2] = False  # 13 of 16 (0.81): the dense path gathers, the chunked one not yet
+    assert valid_row_index(mostly, 13, "dense").tolist() == list(range(2, 15))
+    assert valid_row_index(mostly, 13, "chunked") is None
+    x = torch.arange(2 * 4 * 3).reshape(2, 4, 3)
+    index = valid_row_index(valid, 3, "dense")
+    assert gather_rows(x, index, (2, 4), "x").tolist() == [
+        x[0, 0].tolist(), x[0, 2].tolist(), x[1, 2].tolist()]
+    pair = gather_rows((x[..., 0], x), index, (2, 4), "pair")
+    assert pair[0].tolist() == [0, 6, 18] and pair[1].shape == (3, 3)
+    with pytest.raises(ValueError, match=r"student logits has shape \(2, 5, 3\).*\(2, 4\)"):
+        gather_rows(torch.zeros(2, 5, 3), index, (2, 4), "student logits")
+
+
+def test_logits_with_extra_positions_are_an_error_not_wrong_rows(tmp_path):
+    """A student whose logits have positions the batch's targets do not (a prompt-tuning
+    prefix, an adaptor that adds tokens) is refused, gathered or not, naming the shapes."""
+    class Prefixed(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask=None):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return {"logits": torch.cat([logits[:, :3], logits], dim=1)}
+
+    teacher, student = gpt2(2, 32, seed=1), Prefixed(gpt2(seed=2))
+    batch = collate(examples(8))
+    for path in ("dense", "chunked"):
+        d = distiller(teacher, student, tmp_path / path, LMDistillationConfig(path=path),
+                      hard_label_weight=0.5)
+        with pytest.raises(ValueError, match="shape"):
+            d.train_on_batch(batch, {})
+
+
+@pytest.mark.parametrize("path,divergence", [
+    ("dense", "forward_kl"), ("chunked", "reverse_kl"), ("fused", "forward_kl"),
+    ("fused", "jsd"), ("chunked", "taid"), ("dense", "akl")])
+def test_loss_over_gathered_valid_rows_equals_the_full_layout(tmp_path, monkeypatch, path,
+                                                              divergence):
+    """The loss over the gathered valid tokens equals the loss over every position with the
+    invalid ones zeroed (the reference: gathering switched off), in value and gradient."""
+    import textbrewer.distillers.lm.base as lm_base
+    from textbrewer.distillers.lm.alignment import GATHER_BELOW
+    teacher, student = gpt2(2, 32, seed=1), gpt2(1, 16, seed=2)
+    batch = collate(examples(8))
+    valid = (batch["labels"][:, 1:] != -100) & (batch["attention_mask"][:, 1:] == 1)
+    assert valid.float().mean() < min(GATHER_BELOW.values())  # so every path gathers here
+    calls = []
+    original = lm_base.valid_row_index
+
+    def gathering(*args, **kwargs):
+        index = original(*args, **kwargs)
+        calls.append(index is not None)
+        return index
+
+    results = {}
+    for name, finder in (("full", lambda *a, **k: None), ("gathered", gathering)):
+        monkeypatch.setattr(lm_base, "valid_row_index", finder)
+        d = distiller(teacher, student, tmp_path / name,
+                      LMDistillationConfig(divergence=divergence, path=path, chunk_size=5),
+                      hard_label_weight=0.5)
+        total, parts = d.train_on_batch(batch, {})
+        total.backward()
+        results[name] = (total.detach(), {n: p.grad.clone() for n, p in
+                                          student.named_parameters() if p.grad is not None})
+        student.zero_grad()
+    assert calls == [True]
+    torch.testing.assert_close(results["gathered"][0], results["full"][0], rtol=1e-6, atol=0)
+    for name, grad in results["full"][1].items():
+        torch.testing.assert_close(results["gathered"][1][name], grad, rtol=1e-5, atol=1e-7,
+                                   msg=name)
+
+
+def test_padding_benchmark_sides_compute_the_same_loss(capsys):
+    """benchmarks/lm_padding.py --quick: the hand-written loss and every library side, full
+    layout and gathered, give one value per valid share (the script's timings are not read)."""
+    import json
+    import os
+    import runpy
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                          "lm_padding.py")
+    argv = sys.argv
+    try:
+        sys.argv = [script, "--quick"]
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = argv
+    report = json.loads(capsys.readouterr().out)
+    assert [r["valid_share"] for r in report["results"]] == [1.0, 0.5]
+    for result in report["results"]:
+        losses = list(result["loss"].values())
+        assert len(losses) == 7 and max(losses) - min(losses) < 1e-5, result["loss"]
+
+
 # ------------------------------------------------------------------------------ the loop
 def _train(tmp_path, batch_size, accumulation, path, steps_data=8, lm=None):
     teacher, student = gpt2(2, 32, seed=1), gpt2(1, 16, seed=2)

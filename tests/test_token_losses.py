@@ -667,3 +667,50 @@ def test_kd_weight_equals_weighting_the_divergence_by_hand(name):
                                                kd_weight=1.0, **common), plain)
     with pytest.raises(ValueError, match="kd_weight must be a finite number >= 0"):
         token_distillation_loss(logits_S, logits_T, kd_weight=-1.0, **common)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "topk"])
+@pytest.mark.parametrize("path", ["dense", "chunked", "fused"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_hard_label_term_is_cross_entropy_in_value_and_gradient(divergence, path, tau):
+    # At τ = 1 the CE is read off the divergence's student log-softmax, at τ = 2 from its own
+    # logsumexp: both must be F.cross_entropy over the valid tokens, and adding it must add
+    # exactly its gradient to the KD term's.
+    hidden_S, weight_S, bias_S, hidden_T, weight_T, bias_T = _heads()
+    labels = _labels()
+    with torch.no_grad():
+        logits_T = hidden_T @ weight_T.T + bias_T
+    teacher_logits = logits_T
+    name = divergence
+    if divergence == "topk":
+        top = torch.log_softmax(logits_T, -1).topk(4, dim=-1)
+        teacher_logits, name = TopKTeacher(top.indices, top.values), "forward_kl"
+
+    def loss(ce_weight):
+        options = dict(divergence=name, temperature=tau, ce_weight=ce_weight,
+                       return_dict=True)
+        if divergence == "topk":
+            options["tail"] = "bucket"
+        if path == "fused":
+            teacher = teacher_logits if divergence == "topk" else hidden_T.detach()
+            return fused_token_distillation_loss(
+                hidden_S, weight_S, teacher, None if divergence == "topk" else weight_T,
+                labels, bias_S=bias_S, bias_T=None if divergence == "topk" else bias_T,
+                chunk_size=CHUNK, **options)
+        logits_S = hidden_S @ weight_S.T + bias_S
+        return token_distillation_loss(logits_S, teacher_logits, labels,
+                                       chunk_size=CHUNK if path == "chunked" else None,
+                                       **options)
+
+    inputs = (hidden_S, weight_S, bias_S)
+    with_ce = loss(0.6)
+    grads = torch.autograd.grad(with_ce["loss"], inputs)
+    kd_only = loss(0.0)
+    kd_grads = torch.autograd.grad(kd_only["loss"], inputs)
+    ce_ref = torch.nn.functional.cross_entropy((hidden_S @ weight_S.T + bias_S).reshape(-1, V),
+                                               labels.reshape(-1))
+    ce_grads = torch.autograd.grad(ce_ref, inputs)
+    assert_close(with_ce["ce"], ce_ref.detach(), atol=1e-12, rtol=0)
+    assert_close(with_ce["kd"], kd_only["kd"], atol=1e-12, rtol=0)
+    for got, kd, ce in zip(grads, kd_grads, ce_grads):
+        assert_close(got, kd + 0.6 * ce, atol=1e-12, rtol=0)

@@ -16,7 +16,8 @@ import torch
 from ...losses.token import TopKTeacher
 from ...losses.token.cross import TokenGroups
 
-__all__ = ["PreparedBatch", "CausalAlignment", "Seq2SeqAlignment", "cached_topk"]
+__all__ = ["PreparedBatch", "CausalAlignment", "Seq2SeqAlignment", "cached_topk",
+           "valid_row_index", "gather_rows"]
 
 #: batch keys that are never passed to a model
 NOT_MODEL_INPUTS = ("labels", "example_index")
@@ -181,3 +182,52 @@ def cached_topk(cache: Mapping, valid: torch.Tensor, alignment: CausalAlignment,
         raise ValueError(f"the teacher cache holds token id {int(ids.max())}, outside the "
                          f"student's vocabulary of {vocab_size_S}")
     return TopKTeacher(ids, logprobs)
+
+
+#: Per loss path, the share of valid target tokens below which the loss runs over the valid
+#: rows only, gathered first. Gathering costs about three passes over the valid rows' logits
+#: (the copy, and in backward a zero fill and a scatter); the loss on the padded rows costs
+#: six to ten passes over them. Measured on the CPU (benchmarks/lm_padding.py, V 4,096 and
+#: 32,000, docs/benchmarks.md), gathering pays from 0.85 valid down on the dense path and
+#: from 0.65-0.75 on the chunked one, and costs up to 1.3x at 0.95. The fused path always
+#: gathers: it gathers hidden states, (n, H), V / H times smaller than the logits, and saves
+#: the head's matmul on the padding too (0.90x its time at 0.95 valid, 0.49x at 0.5).
+GATHER_BELOW = {"dense": 0.9, "chunked": 0.7, "fused": 1.0}
+
+
+def valid_row_index(valid: torch.Tensor, count: int, path: str) -> Optional[torch.Tensor]:
+    """The flat indices, (n,) int64, of the valid target tokens of a batch, or None when the
+    loss should run over every position.
+
+    Args:
+        valid: (B, L) bool, the batch's valid targets; only a host tensor is read (on an
+            accelerator, finding the indices would wait for the device).
+        count: ``valid.sum()``, already known (:class:`PreparedBatch`).
+        path: the loss path, ``'dense'``, ``'chunked'`` or ``'fused'``: gather when fewer
+            than ``GATHER_BELOW[path]`` of the positions are valid.
+    """
+    total = valid.numel()
+    if valid.device.type != "cpu" or count >= GATHER_BELOW[path] * total:
+        return None
+    return valid.reshape(-1).nonzero().squeeze(1)
+
+
+def gather_rows(x: Any, index: torch.Tensor, lead: Tuple[int, ...], name: str) -> Any:
+    """``x`` (B, L, ...) -> (n, ...) at the flat positions ``index``; a (ids, logprobs) pair
+    of cached teacher rows is gathered member by member, None stays None.
+
+    Raises:
+        ValueError: ``x``'s first two dimensions are not ``lead``, the (B, L) of the batch's
+            targets (a model or adaptor that adds or drops positions): gathered, such rows
+            would be the wrong tokens.
+    """
+    if x is None:
+        return None
+    if isinstance(x, tuple):
+        members = [gather_rows(member, index, lead, name) for member in x]
+        return type(x)(*members) if hasattr(x, "_fields") else tuple(members)
+    if tuple(x.shape[:2]) != tuple(lead):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, whose positions "
+                         f"{tuple(x.shape[:2])} differ from the batch's targets {tuple(lead)} "
+                         f"(labels / input_ids): the model or adaptor adds or drops positions")
+    return x.reshape(-1, *x.shape[2:]).index_select(0, index)

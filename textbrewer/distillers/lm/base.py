@@ -15,7 +15,8 @@ from ...losses.token import (OBJECTIVES, TAIDSchedule, TopKTeacher, akl_loss,
 from ...losses.token.cross import TokenGroups, cross_tokenizer_loss
 from ..basic import BasicDistiller
 from ..composer import check_same_device
-from .alignment import CausalAlignment, PreparedBatch, cached_topk
+from .alignment import (CausalAlignment, PreparedBatch, cached_topk, gather_rows,
+                        valid_row_index)
 from .config import LMDistillationConfig
 from .generation import (AdaptiveOffPolicySchedule, Sampler, check_end_of_sequence,
                          check_generation_options)
@@ -517,12 +518,21 @@ class LMDistillerBase(BasicDistiller):
                                "(topk_tail=%r); before 2026-12 cached batches always used "
                                "the forward KL", type(self).__name__, config.divergence,
                                config.topk_tail)
-        if self_teacher:
-            options.update(divergence="forward_kl", vocab_alignment=None)
+        if self_teacher:  # τ 1: the CE then reads the one log-softmax, whatever τ says
+            options.update(divergence="forward_kl", vocab_alignment=None, temperature=1.0)
         run_teacher = not self_teacher and topk is None
         if run_teacher and prepared.teacher is None:
             raise ValueError("no teacher for this batch: model_T is None and the batch has "
                              "no cached teacher rows")
+        # The loss runs over the valid target tokens only, gathered, where that pays
+        # (alignment.GATHER_BELOW); a cross-tokenizer loss reads positions through its groups.
+        index = None if prepared.groups is not None else valid_row_index(
+            prepared.valid, prepared.count, self.path)
+        if index is not None:
+            index = runtime.to_device(index)
+
+        def rows(x, name):
+            return x if index is None else gather_rows(x, index, prepared.valid.shape, name)
         if self.path == "fused":
             hidden_S = self._run_hidden(self.model_S, self._student_forward, self.head_S,
                                         student_inputs, args, "student")
@@ -540,8 +550,10 @@ class LMDistillerBase(BasicDistiller):
                 hidden_T, weight_T, bias_T = topk, None, None
             self._fused_checked = True
             parts = fused_token_distillation_loss(
-                hidden_S, self.head_S.weight, hidden_T, weight_T, labels, valid, bias_S=bias_S,
-                bias_T=bias_T, chunk_size=config.chunk_size, **options)
+                rows(hidden_S, "the student's hidden states"), self.head_S.weight,
+                rows(hidden_T, "the teacher's hidden states"), weight_T,
+                rows(labels, "labels"), rows(valid, "valid"), bias_S=bias_S, bias_T=bias_T,
+                chunk_size=config.chunk_size, **options)
             if self._telemetry_on():
                 self._record_telemetry(prepared, options, head_row_slices(
                     hidden_S, self.head_S.weight, bias_S), None if self_teacher else (
@@ -567,10 +579,13 @@ class LMDistillerBase(BasicDistiller):
                     prepared.groups, logits_S, logits_T, student_inputs["input_ids"],
                     teacher_inputs["input_ids"], labels, valid, options)
             elif options["divergence"] in OBJECTIVES:
-                parts = self._objective_loss(logits_S, logits_T, labels, valid, options)
+                parts = self._objective_loss(
+                    rows(logits_S, "student logits"), rows(logits_T, "teacher logits"),
+                    rows(labels, "labels"), rows(valid, "valid"), options)
             else:
                 parts = token_distillation_loss(
-                    logits_S, logits_T, labels, valid,
+                    rows(logits_S, "student logits"), rows(logits_T, "teacher logits"),
+                    rows(labels, "labels"), rows(valid, "valid"),
                     chunk_size=config.chunk_size if self.path == "chunked" else None,
                     **options)
             if self._telemetry_on():

@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .spec import (TokenCount, _REDUCTIONS, _Spec, _aligned_width, _ce_rows, _chunk,
-                   _divergence_rows, _log_probs, _topk_divergence_rows, _topk_is_analytic,
-                   _topk_rows, _up, _weighted)
+from .spec import (TokenCount, _REDUCTIONS, _Spec, _aligned_width, _ce_from_log_probs,
+                   _ce_reuses_log_probs, _ce_rows, _chunk, _divergence_rows, _log_probs,
+                   _topk_divergence_rows, _topk_is_analytic, _topk_rows, _up, _weighted)
 
 # ---------------------------------------------------------------------------------------
 # inputs: flattening, validity, denominators
@@ -122,24 +122,30 @@ def _outputs(loss: torch.Tensor, kd: torch.Tensor, ce: Optional[torch.Tensor],
 def _dense(spec, z_S, teacher, labels, valid, denom, reduction, lead):
     """Plain autograd over all tokens: the reference path, and the only one with 'none'."""
     z_S = _up(z_S)
+    v_S = z_S.shape[-1]
     if spec.divergence == "topk_kl":
         ids, logprobs = teacher
         # invalid rows may hold anything (−inf padding): their rows are zeroed below, but a
         # NaN local derivative would still reach the gradient through autograd (0 · NaN)
         logprobs = logprobs.masked_fill(~valid.unsqueeze(-1), 0.0)
+        width = v_S
         log_q = torch.log_softmax(z_S / spec.temperature, dim=-1)
         if _topk_is_analytic(spec):
             rows, _ = _topk_rows(spec, log_q, ids, logprobs, want_target=False)
         else:
             rows = _topk_divergence_rows(spec, log_q, ids, logprobs)
     else:
-        width = _aligned_width(spec, z_S.shape[-1], teacher.shape[-1])
+        width = _aligned_width(spec, v_S, teacher.shape[-1])
         log_p = _log_probs(spec, _up(teacher).to(z_S.dtype), width)
-        rows = _divergence_rows(spec, _log_probs(spec, z_S, width), log_p)
+        log_q = _log_probs(spec, z_S, width)
+        rows = _divergence_rows(spec, log_q, log_p)
     kd_rows = torch.where(valid, rows, 0.0) * spec.kd_scale
     ce_rows = None
     if spec.ce_weight != 0:
-        ce, _ = _ce_rows(z_S, labels, want_grad=False)
+        if _ce_reuses_log_probs(spec, width, v_S):
+            ce, _ = _ce_from_log_probs(log_q, labels, want_grad=False)
+        else:
+            ce, _ = _ce_rows(z_S, labels, want_grad=False)
         ce_rows = torch.where(valid, ce, 0.0)
     if reduction == "none":
         total = _weighted(spec, kd_rows, ce_rows)

@@ -370,6 +370,26 @@ def _ce_rows(z_S: torch.Tensor, labels: torch.Tensor,
     return rows, grad
 
 
+def _ce_from_log_probs(log_q: torch.Tensor, labels: torch.Tensor,
+                       want_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`_ce_rows` from the student's log-softmax at τ = 1 over its own vocabulary,
+    (n, V), which the divergence computes anyway: the same rows and gradient without a
+    second logsumexp pass over the logits."""
+    safe = labels.clamp(min=0).unsqueeze(-1)  # ignore_index rows are masked by the caller
+    rows = -log_q.gather(-1, safe).squeeze(-1)
+    grad = None
+    if want_grad:
+        grad = log_q.exp()
+        grad.scatter_add_(-1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+    return rows, grad
+
+
+def _ce_reuses_log_probs(spec: _Spec, width: int, v_S: int) -> bool:
+    """Whether the hard-label CE can be read off the divergence's student log-softmax: τ = 1
+    and no vocabulary alignment on the student's side."""
+    return spec.ce_weight != 0 and spec.temperature == 1.0 and width == v_S
+
+
 def _log_probs(spec: _Spec, z: torch.Tensor, width: int) -> torch.Tensor:
     """log softmax(z / τ) over the aligned vocabulary."""
     z = _fit(z, width)
@@ -405,19 +425,23 @@ def _chunk(spec: _Spec, student: list, teacher: Callable[[], object], v_T: int,
     v_S = z_S.shape[-1]
     tau = spec.temperature
     invalid = ~valid.unsqueeze(-1)
-    ce_sum = ce_grad = None
-    if spec.ce_weight != 0:  # first, so z_S can be dropped early
-        ce, ce_grad = _ce_rows(z_S, labels, need_grad)
-        ce_sum = ce.masked_fill(~valid, 0.0).sum()
     name, beta = spec.divergence, spec.beta
     topk = name == "topk_kl"
     analytic = (_topk_is_analytic(spec) if topk else name in ("forward_kl", "reverse_kl")) or (
         name == "jsd" and beta in (0.0, 1.0))
     width = v_S if topk else _aligned_width(spec, v_S, v_T)
+    ce_from_log_q = _ce_reuses_log_probs(spec, width, v_S) and (analytic or not need_grad)
+    ce_sum = ce_grad = None
+    if spec.ce_weight != 0 and not ce_from_log_q:  # first, so z_S can be dropped early
+        ce, ce_grad = _ce_rows(z_S, labels, need_grad)
+        ce_sum = ce.masked_fill(~valid, 0.0).sum()
     grad_s = None
     if analytic or not need_grad:
         log_q = _log_probs(spec, z_S, width)
         del z_S
+        if ce_from_log_q:  # before the branches below overwrite log_q in place
+            ce, ce_grad = _ce_from_log_probs(log_q, labels, need_grad)
+            ce_sum = ce.masked_fill(~valid, 0.0).sum()
         if topk and analytic:
             ids, logprobs = teacher()
             rows, target = _topk_rows(spec, log_q, ids, logprobs, need_grad)
