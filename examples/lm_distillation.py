@@ -489,6 +489,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what the cached top-k does with the rest of the probability")
     parser.add_argument("--sequence-length", type=int, default=64)
     parser.add_training_options(lr=3e-3, batch_size=16, lr_help="students' learning rate")
+    parser.add_argument("--alone-lr", type=float, default=None,
+                        help="learning rate of the student alone (default: --lr); each side's "
+                             "own best on the validation split makes a fair table")
     parser.add_argument("--teacher-lr", type=float, default=2e-3)
     parser.add_threads("torch CPU threads (default 1: on a busy machine extra threads wait on "
                        "each other; on an idle one, 2 is faster)")
@@ -504,6 +507,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 1 <= args.prompt_length < args.sequence_length:
         parser.error(f"--prompt-length must be in [1, {args.sequence_length - 1}] (at least "
                      f"one byte to continue, one byte to generate)")
+    if args.alone_lr is not None and args.alone_lr <= 0:
+        parser.error(f"--alone-lr must be positive, got {args.alone_lr}")
     if not 0 <= args.lmbda <= 1:
         parser.error(f"--lmbda must be in [0, 1], got {args.lmbda}")
     return args
@@ -586,8 +591,10 @@ def main(argv=None) -> Dict[str, Any]:
                 else:
                     loader = train_loader(blocks["train"], args.batch_size, seed,
                                           collate_fn=collate)
-                report = train(student, loader, args, device, args.steps, args.lr, seed,
-                               run_dir, teacher=None if method == "student_alone" else teacher,
+                lr = args.alone_lr if method == "student_alone" and args.alone_lr is not None \
+                    else args.lr
+                report = train(student, loader, args, device, args.steps, lr, seed, run_dir,
+                               teacher=None if method == "student_alone" else teacher,
                                divergence=divergence, validation=blocks["validation"][:64])
                 if report:
                     reports[method].append(report)
@@ -642,7 +649,7 @@ def main(argv=None) -> Dict[str, Any]:
     results["run"] = common.run_record(args, started, [
         "steps", "teacher_steps", "seeds", "divergences", "temperature", "beta", "alpha",
         "taid_schedule", "akl_mu", "lmbda", "prompt_length", "generated_hard_labels",
-        "hard_label_weight", "lr", "teacher_lr", "batch_size", "threads", "quick"],
+        "hard_label_weight", "lr", "alone_lr", "teacher_lr", "batch_size", "threads", "quick"],
         settings={"device": str(device)})
     results["run"]["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
 
