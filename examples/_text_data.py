@@ -95,11 +95,14 @@ def split_of(key: str) -> str:
     return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
 
 
-def train_and_test(records: Iterable[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+def train_and_test(records: Iterable[Dict[str, Any]],
+                   validation: bool = False) -> Dict[str, List[Dict[str, Any]]]:
     """``{'train': [...], 'test': [...]}``: the records whose ``'split'`` is each (the
-    validation records are left out), in their order."""
+    validation records are left out, unless ``validation``: then ``'validation'`` too), in
+    their order."""
     records = list(records)
-    return {name: [r for r in records if r["split"] == name] for name in ("train", "test")}
+    names = ("train", "validation", "test") if validation else ("train", "test")
+    return {name: [r for r in records if r["split"] == name] for name in names}
 
 
 def words(text: str) -> List[str]:
@@ -334,7 +337,7 @@ def _summary(docstring: str) -> List[str]:
 
 
 def stdlib_spans(candidates: int, max_files: Optional[int], question_length: int,
-                 seed: int = 0) -> Dict[str, Any]:
+                 seed: int = 0, train_shuffles: int = 1) -> Dict[str, Any]:
     """"Which function does this docstring describe?", as extractive QA.
 
     For every stdlib single-file module, its documented functions and methods are taken in
@@ -344,9 +347,16 @@ def stdlib_spans(candidates: int, max_files: Optional[int], question_length: int
     order shuffled per example, each as ``def <name> ( <arguments> ) : <summary> ;``; the
     *answer* is the function's name, split at underscores (``get _ config _ var``), so the
     answer is a span of one or more tokens. Each file goes to one split.
+
+    ``train_shuffles`` > 1 augments the training split: each of its examples comes
+    ``train_shuffles`` times, the group in a different random order each time (the extra
+    orders follow the first, so the first ones, and the validation and test examples, are
+    those of ``train_shuffles=1``).
     """
     import random
     rng = random.Random(seed)
+    # its own generator: the extra orders leave ``rng``'s sequence (the other examples) as is
+    extra_rng = random.Random(f"{seed}-extra-shuffles")
     paths = spread(stdlib_files(single_modules=True), max_files)
     examples = []
     for relative in paths:
@@ -368,18 +378,19 @@ def stdlib_spans(candidates: int, max_files: Optional[int], question_length: int
             if len({" ".join(f["name"]) for f in group}) < len(group):
                 continue  # two functions of the same name: the answer would be ambiguous
             for target in range(len(group)):
-                order = list(range(len(group)))
-                rng.shuffle(order)
-                context: List[str] = []
-                for position in order:
-                    function = group[position]
-                    if position == target:
-                        start = len(context) + 1
-                        end = start + len(function["name"]) - 1
-                    context += (["def"] + function["name"] + ["("] + function["arguments"]
-                                + [")", ":"] + function["summary"] + [";"])
-                examples.append({"question": group[target]["summary"], "context": context,
-                                 "start": start, "end": end, "split": split})
+                for copy_number in range(train_shuffles if split == "train" else 1):
+                    order = list(range(len(group)))
+                    (rng if copy_number == 0 else extra_rng).shuffle(order)
+                    context: List[str] = []
+                    for position in order:
+                        function = group[position]
+                        if position == target:
+                            start = len(context) + 1
+                            end = start + len(function["name"]) - 1
+                        context += (["def"] + function["name"] + ["("] + function["arguments"]
+                                    + [")", ":"] + function["summary"] + [";"])
+                    examples.append({"question": group[target]["summary"], "context": context,
+                                     "start": start, "end": end, "split": split})
     return {"examples": examples}
 
 
@@ -496,24 +507,41 @@ def train_config(args, name: str, device, epochs: int) -> TrainingConfig:
                           ckpt_epoch_frequency=epochs, seed=args.seed, log_steps=100)
 
 
+def optimizer_and_schedule(model: torch.nn.Module, lr: float, total_steps: int,
+                           warmup: float = 0.0) -> Tuple[torch.optim.Optimizer, Dict[str, Any]]:
+    """:func:`_common.optimizer_and_schedule` (AdamW, a linear decay to zero over
+    ``total_steps``), with a linear warm-up over the first ``warmup`` fraction of the steps
+    when ``warmup`` > 0."""
+    optimizer, schedule = common.optimizer_and_schedule(model, lr, total_steps)
+    if warmup > 0:
+        ramp = max(1, round(warmup * total_steps))
+        schedule["scheduler_args"] = {"lr_lambda": lambda step: min(
+            (step + 1) / ramp, max(0.0, (total_steps - step) / max(1, total_steps - ramp)))}
+    return optimizer, schedule
+
+
 def train_alone(name: str, model, adaptor: Callable, examples, collate: Callable, args,
-                device, epochs: int) -> None:
+                device, epochs: int, lr: Optional[float] = None, warmup: float = 0.0) -> None:
     """Supervised training on the labels (the model's own loss): the teacher, or a student
-    baseline. AdamW at ``args.lr`` with a linear decay to zero."""
+    baseline. AdamW at ``lr`` (default ``args.lr``) with a linear decay to zero, after a
+    linear warm-up over the first ``warmup`` fraction of the steps."""
     data = loader(examples, collate, args)
-    optimizer, scheduler = common.optimizer_and_schedule(model, args.lr, epochs * len(data))
+    optimizer, scheduler = optimizer_and_schedule(model, args.lr if lr is None else lr,
+                                                  epochs * len(data), warmup)
     common.fit(BasicTrainer(train_config(args, name, device, epochs), model, adaptor),
                optimizer, data, num_epochs=epochs, **scheduler)
 
 
 def distil(name: str, teacher, student, layers: int, adaptor: Callable, examples,
            collate: Callable, args, device, batch_postprocessor: Optional[Callable] = None,
+           lr: Optional[float] = None, warmup: float = 0.0,
            **config_options: Any) -> None:
     """``GeneralDistiller``, TinyBERT-style, for ``args.epochs`` epochs: KD on the logits
     (``ce`` at ``args.temperature``) + the hard labels + TinyBERT's layer mapping
     (``tinybert_layer_mapping``: ``hidden_mse`` through a learned projection, embeddings
     included, and ``attention_mse``); ``config_options`` go to the ``DistillationConfig``.
-    Both models are asked for their hidden states and attentions on every batch."""
+    Both models are asked for their hidden states and attentions on every batch. AdamW at
+    ``lr`` (default ``args.lr``), schedule as in :func:`train_alone`."""
     matches = tinybert_layer_mapping(args.teacher_config["num_hidden_layers"], layers,
                                      args.teacher_config["hidden_size"],
                                      args.student_config["hidden_size"],
@@ -522,8 +550,8 @@ def distil(name: str, teacher, student, layers: int, adaptor: Callable, examples
                                 kd_loss_weight=1.0, hard_label_weight=1.0,
                                 intermediate_matches=matches, **config_options)
     data = loader(examples, collate, args)
-    optimizer, scheduler = common.optimizer_and_schedule(student, args.lr,
-                                                         args.epochs * len(data))
+    optimizer, scheduler = optimizer_and_schedule(student, args.lr if lr is None else lr,
+                                                  args.epochs * len(data), warmup)
     distiller = GeneralDistiller(train_config(args, name, device, args.epochs), config,
                                  model_T=teacher, model_S=student, adaptor_T=adaptor,
                                  adaptor_S=adaptor)
