@@ -61,7 +61,6 @@ import argparse
 import gc
 import importlib.metadata
 import json
-import math
 import os
 import statistics
 import sys
@@ -72,7 +71,9 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
+from lm_loss_peers import head_logits, plain_rows  # noqa: E402  (the same plain JSD)
 from textbrewer.losses.token import (fused_token_distillation_loss,  # noqa: E402
                                      token_distillation_loss)
 
@@ -148,21 +149,13 @@ def make_loss(impl: str, args, inputs: dict):
     hidden_T, weight_T, labels = inputs["hidden_T"], inputs["weight_T"], inputs["labels"]
     beta = args.beta
 
-    def logits():
-        logits_S = hidden_S @ weight_S.T
-        with torch.no_grad():
-            logits_T = hidden_T @ weight_T.T
-        return logits_S, logits_T
+    logits = head_logits(inputs)
 
     if impl == "plain":
         def loss_fn():
             logits_S, logits_T = logits()
-            log_q = F.log_softmax(logits_S.float(), -1)
-            log_p = F.log_softmax(logits_T.float(), -1)
-            log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-            rows = (beta * F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
-                    + (1 - beta) * F.kl_div(log_m, log_q, reduction="none",
-                                            log_target=True).sum(-1))
+            rows = plain_rows("jsd", F.log_softmax(logits_S.float(), -1),
+                              F.log_softmax(logits_T.float(), -1), beta)
             valid = labels != -100
             return (rows * valid).sum() / valid.sum().clamp(min=1)
         return loss_fn

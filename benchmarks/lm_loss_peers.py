@@ -232,7 +232,20 @@ def topk_cache(inputs: dict, k: int, block: int = 128) -> TopKTeacher:
     return TopKTeacher(torch.cat(ids).reshape(shape), torch.cat(logprobs).reshape(shape))
 
 
-def _plain_rows(divergence: str, log_q: torch.Tensor, log_p: torch.Tensor, beta: float):
+def head_logits(inputs: dict):
+    """A function returning (student logits with a graph, teacher logits without one), both
+    (N, V), from the inputs' hidden states and heads."""
+    def logits():
+        logits_S = inputs["hidden_S"] @ inputs["weight_S"].T
+        with torch.no_grad():
+            logits_T = inputs["hidden_T"] @ inputs["weight_T"].T
+        return logits_S, logits_T
+    return logits
+
+
+def plain_rows(divergence: str, log_q: torch.Tensor, log_p: torch.Tensor, beta: float):
+    """The hand-written PyTorch divergence per token, (N,), from (N, V) log-probabilities:
+    forward KL, or JSD(β) with log m as a ``logaddexp`` and two ``F.kl_div``."""
     if divergence == "forward_kl":
         return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
@@ -247,17 +260,13 @@ def make_step(impl: str, args, inputs: dict):
     beta = 0.0 if args.divergence == "forward_kl" else args.beta
     options = dict(divergence=args.divergence, beta=args.beta)
 
-    def logits():
-        logits_S = hidden_S @ weight_S.T
-        with torch.no_grad():
-            logits_T = hidden_T @ weight_T.T
-        return logits_S, logits_T
+    logits = head_logits(inputs)
 
     if impl == "plain":
         def loss_fn():
             logits_S, logits_T = logits()
-            rows = _plain_rows(args.divergence, F.log_softmax(logits_S.float(), -1),
-                               F.log_softmax(logits_T.float(), -1), beta)
+            rows = plain_rows(args.divergence, F.log_softmax(logits_S.float(), -1),
+                              F.log_softmax(logits_T.float(), -1), beta)
             valid = labels != -100
             return (rows * valid).sum() / valid.sum().clamp(min=1)
     elif impl == "torchtune":
