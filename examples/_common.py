@@ -119,6 +119,10 @@ class ExampleParser(argparse.ArgumentParser):
         self.add_argument("--no-transfer", dest="transfer", action="store_false",
                           help="distil on the labelled images only (no unlabelled transfer "
                                "data)")
+        self.add_validation_option()
+
+    def add_validation_option(self) -> None:
+        """``--validation N``: score the last N training images, held out of all training."""
         self.add_argument("--validation", type=int, default=0,
                           help="tuning: score the last N training images, held out of all "
                                "training, instead of the test split (default 0: the test "

@@ -43,8 +43,11 @@ def mlp(hidden: int) -> common.MLP:
 
 def run_seed(args, seed: int) -> Dict[str, float]:
     seed_everything(seed)
-    data = common.digits_data(seed, key="x", flat=True)
-    train, test = data["train"], common.stack(data["test"])
+    data = common.transfer_split(seed, args.train_size or 1347, args.validation,
+                                 args.transfer, key="x", flat=True)
+    train, test = data["labelled"], data["test"]
+    # with --transfer the peers also teach each other on the unlabelled images
+    mutual_train = data["transfer"]
     torch.manual_seed(seed)
     init = mlp(args.hidden)
     alone, student0 = copy.deepcopy(init), copy.deepcopy(init)
@@ -53,19 +56,19 @@ def run_seed(args, seed: int) -> Dict[str, float]:
     runs = common.SeedRuns(args, seed, log_steps=100,
                            ckpt_epoch_frequency=max(1, args.epochs // 3))
 
-    common.fit(BasicTrainer(runs.config("student_alone"), alone, common.loss_adaptor),
-               torch.optim.Adam(alone.parameters(), lr=args.lr), runs.loader(train),
-               num_epochs=args.epochs)
+    steps = args.epochs * len(runs.loader(train))  # the same steps for every model
+    common.fit(BasicTrainer(runs.config("student_alone"), alone, common.masked_adaptor),
+               torch.optim.Adam(alone.parameters(), lr=args.alone_lr), runs.loader(train),
+               num_steps=steps)
 
     distiller = MutualLearningDistiller(
         runs.config("mutual"), DistillationConfig(kd_loss_type="kl", temperature=1.0,
                                                   kd_loss_weight=1.0, hard_label_weight=1.0),
-        [student0, student1], adaptor_S=common.loss_adaptor)
+        [student0, student1], adaptor_S=common.masked_adaptor)
     # student1 gets an Adam of its own with the same settings
     common.fit(distiller, torch.optim.Adam(student0.parameters(), lr=args.lr),
-               runs.loader(train), num_epochs=args.epochs)
-    final_step = args.epochs * len(runs.loader(train))
-    assert os.path.isfile(peer_checkpoint_path(runs.output_dir("mutual"), final_step, 1))
+               runs.loader(mutual_train), num_steps=steps)
+    assert os.path.isfile(peer_checkpoint_path(runs.output_dir("mutual"), steps, 1))
     return {"student_alone": common.accuracy(alone, test, "x"),
             "student0": common.accuracy(student0, test, "x"),
             "student1": common.accuracy(student1, test, "x")}
@@ -77,7 +80,15 @@ def parse_args(argv=None):
     parser.add_seeds()
     parser.add_quick_argument("--epochs", 3, 30)
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_training_options(lr=2e-3)
+    parser.add_training_options(lr=2e-3, lr_help="learning rate of the two peers")
+    parser.add_argument("--alone-lr", type=float, default=2e-3,
+                        help="learning rate of the student alone")
+    parser.add_argument("--train-size", type=int, default=0,
+                        help="labelled training images (default 0: all)")
+    parser.add_argument("--transfer", action="store_true",
+                        help="the peers also learn from each other on the other training "
+                             "images, without their labels")
+    parser.add_validation_option()
     return parser.parse_args(argv)
 
 
@@ -90,7 +101,9 @@ def main(argv=None) -> Dict[str, Any]:
     title = f"test accuracy (mean ± std over seeds {args.seeds})"
     common.print_accuracies(models, f"\n{'model':<16}{title:>48}", 16, 38)
     results = {"models": models, "scheme": "mutual",
-               "run": common.run_record(args, started, ["seeds", "epochs", "lr", "hidden",
+               "run": common.run_record(args, started, ["seeds", "epochs", "lr", "alone_lr",
+                                                        "train_size", "transfer", "validation",
+                                                        "hidden",
                                                         "batch_size", "quick"])}
     path = common.write_results(args.output_dir, results)
     print(f"{results['run']['seconds']:.0f} s; wrote {path}")

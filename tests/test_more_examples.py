@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("digit", "parity", "high")
@@ -51,6 +52,37 @@ def test_multi_task_quick(tmp_path):
     assert models["student_alone"]["parameters"] == models["distilled_student"]["parameters"]
     assert results["run"]["quick"] is True and results["run"]["seeds"] == [0]
     assert set(results["data"]["train_per_task"]) == set(TASKS)
+
+
+def test_multi_task_transfer_data():
+    """Each task's transfer set is its own third of the training images: the labelled
+    images first, the rest unlabelled; --validation holds images out of every split."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import multi_task
+    finally:
+        sys.path.remove(os.path.join(ROOT, "examples"))
+    data = multi_task.load_data(0, 20)
+    held_out = multi_task.load_data(0, 20, validation=270)
+    no_transfer = multi_task.load_data(0, 20, transfer=False)
+    for index, task in enumerate(TASKS):
+        parts = data[task]
+        assert len(parts["teacher_train"]) == 1347 and len(parts["test"]) == 450
+        assert len(parts["train"]) == 20 and len(parts["transfer"]) == len(range(index, 1347, 3))
+        labels = [int(e["labels"]) for e in parts["transfer"]]
+        assert labels[:20] == [int(e["labels"]) for e in parts["train"]]
+        assert all(label == -100 for label in labels[20:]) and min(labels[:20]) >= 0
+        own = parts["teacher_train"][index::3]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(parts["transfer"], own))
+        assert no_transfer[task]["transfer"] == no_transfer[task]["train"]
+        split = held_out[task]
+        assert len(split["teacher_train"]) == 1077 and len(split["test"]) == 270
+        assert len(split["transfer"]) == len(range(index, 1077, 3))
+        # the held-out images are the last 270 of the training split, in no training set
+        torch.testing.assert_close(torch.stack([e["image"] for e in split["test"]]),
+                                   torch.stack([e["image"] for e in
+                                                data["digit"]["teacher_train"][-270:]]))
 
 
 def test_sentence_embedding_quick(tmp_path):
