@@ -111,11 +111,13 @@ class ExampleParser(argparse.ArgumentParser):
         if temperature is not None:
             self.add_argument("--temperature", type=float, default=temperature)
 
-    def add_transfer_options(self) -> None:
+    def add_transfer_options(self, train_size: int = 300,
+                             train_size_help: str = "labelled training images of the students"
+                             ) -> None:
         """``--train-size``, ``--no-transfer`` and ``--validation``, passed to
         :func:`transfer_split`."""
-        self.add_argument("--train-size", type=int, default=300,
-                          help="labelled training images of the students (default 300)")
+        self.add_argument("--train-size", type=int, default=train_size,
+                          help=f"{train_size_help} (default {train_size})")
         self.add_argument("--no-transfer", dest="transfer", action="store_false",
                           help="distil on the labelled images only (no unlabelled transfer "
                                "data)")
@@ -228,6 +230,11 @@ def digits_data(seed: int, key: str = "image", flat: bool = False,
 UNLABELLED = -100  # the label of a transfer image: ignored by the hard-label term
 
 
+def without_labels(examples: Examples, key: str = "image") -> Examples:
+    """The examples' ``key`` with label :data:`UNLABELLED`: transfer data for KD."""
+    return [{key: example[key], "labels": torch.tensor(UNLABELLED)} for example in examples]
+
+
 def transfer_split(seed: int, train_size: int, validation: int = 0, transfer: bool = True,
                    key: str = "image", flat: bool = False) -> Dict[str, Any]:
     """The digits for students with few labels and an unlabelled transfer set.
@@ -244,8 +251,7 @@ def transfer_split(seed: int, train_size: int, validation: int = 0, transfer: bo
     if validation:
         train, test = train[:-validation], train[-validation:]
     labelled = train[:train_size]
-    unlabelled = [{key: example[key], "labels": torch.tensor(UNLABELLED)}
-                  for example in train[train_size:]]
+    unlabelled = without_labels(train[train_size:], key)
     return {"teacher_train": train, "labelled": labelled,
             "transfer": labelled + unlabelled if transfer else labelled, "test": stack(test)}
 
@@ -402,10 +408,13 @@ class SeedRuns:
                ) -> torch.utils.data.DataLoader:
         return shuffled(examples, self.args.batch_size, self.seed, collate_fn)
 
-    def train_steps(self, trainer: Any, model: torch.nn.Module, data: Any, steps: int) -> None:
-        """``steps`` optimizer steps of AdamW over ``model``'s parameters on ``data`` (a
-        DataLoader, or a dict of them for ``MultiTaskDistiller``)."""
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=0.01)
+    def train_steps(self, trainer: Any, model: torch.nn.Module, data: Any, steps: int,
+                    lr: Optional[float] = None) -> None:
+        """``steps`` optimizer steps of AdamW (at ``lr``, default ``args.lr``) over
+        ``model``'s parameters on ``data`` (a DataLoader, or a dict of them for
+        ``MultiTaskDistiller``)."""
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.args.lr if lr is None else lr,
+                                      weight_decay=0.01)
         fit(trainer, optimizer, data, num_steps=steps)
 
 

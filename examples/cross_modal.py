@@ -87,21 +87,18 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, float]:
     profiles = {"profiles": row_column_profiles(images["image"]), "labels": images["labels"]}
     runs = common.SeedRuns(args, seed, log_steps=1000)
 
-    def train(trainer, model, loader, lr, steps):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-        common.fit(trainer, optimizer, loader, num_steps=steps)
-
     torch.manual_seed(seed)
     teacher = MLP(64, 256, "image", dropout=0.1)
-    train(BasicTrainer(runs.config("teacher"), teacher, common.labels_adaptor), teacher,
-          runs.loader([image_view(e) for e in data["teacher_train"]]), args.teacher_lr,
-          args.teacher_steps)
+    runs.train_steps(BasicTrainer(runs.config("teacher"), teacher, common.labels_adaptor),
+                     teacher, runs.loader([image_view(e) for e in data["teacher_train"]]),
+                     args.teacher_steps, lr=args.teacher_lr)
     torch.manual_seed(seed + 1)
     initial = MLP(16, 128, "profiles")
 
     alone = copy.deepcopy(initial)
-    train(BasicTrainer(runs.config("student_alone"), alone, common.labels_adaptor), alone,
-          runs.loader([profile_view(e) for e in data["labelled"]]), args.alone_lr, args.steps)
+    runs.train_steps(BasicTrainer(runs.config("student_alone"), alone, common.labels_adaptor),
+                     alone, runs.loader([profile_view(e) for e in data["labelled"]]),
+                     args.steps, lr=args.alone_lr)
 
     distilled = copy.deepcopy(initial)
     two_views = TwoViewCollate(teacher_view=image_view, student_view=profile_view)
@@ -109,8 +106,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, float]:
         kd_loss_type="kl", temperature=args.temperature, kd_loss_weight=1.0,
         hard_label_weight=1.0), teacher, distilled, common.logits_adaptor,
         common.masked_adaptor)
-    train(distiller, distilled, runs.loader(data["transfer"], collate_fn=two_views), args.lr,
-          args.steps)
+    runs.train_steps(distiller, distilled, runs.loader(data["transfer"], collate_fn=two_views),
+                     args.steps)
     return {"teacher": common.accuracy(teacher, images, "image"),
             "student_alone": common.accuracy(alone, profiles, "profiles"),
             "cross_modal_distilled": common.accuracy(distilled, profiles, "profiles")}

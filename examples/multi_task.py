@@ -82,8 +82,7 @@ def load_data(seed: int, train_size: Optional[int], validation: int = 0,
         own = slice(index, None, len(TASKS))  # images index, index + 3, ...: disjoint thirds
         third = common.digit_examples(train_x[own], train_y[own], label_of=label_of)
         labelled = third[:train_size]
-        unlabelled = [{"image": example["image"], "labels": torch.tensor(common.UNLABELLED)}
-                      for example in third[len(labelled):]]
+        unlabelled = common.without_labels(third[len(labelled):])
         data[task] = {
             "teacher_train": common.digit_examples(train_x, train_y, label_of=label_of),
             "train": labelled, "transfer": labelled + unlabelled if transfer else labelled,
@@ -175,10 +174,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     for index, (task, (num_labels, _)) in enumerate(TASKS.items()):
         torch.manual_seed(seed + 10 * index)
         teacher = Teacher(num_labels)
-        optimizer = torch.optim.AdamW(teacher.parameters(), lr=args.teacher_lr,
-                                      weight_decay=0.01)
-        common.fit(BasicTrainer(runs.config(f"teacher_{task}"), teacher, adaptor), optimizer,
-                   runs.loader(data[task]["teacher_train"]), num_steps=args.teacher_steps)
+        runs.train_steps(BasicTrainer(runs.config(f"teacher_{task}"), teacher, adaptor),
+                         teacher, runs.loader(data[task]["teacher_train"]),
+                         args.teacher_steps, lr=args.teacher_lr)
         teachers[task] = teacher.eval()
 
     torch.manual_seed(seed + 1)
@@ -196,8 +194,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
                                        adaptor_S={t: student_adaptor(t) for t in TASKS})
         # the same shuffles for both students
         loaders = {task: runs.loader(data[task][examples]) for task in TASKS}
-        optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
-        common.fit(distiller, optimizer, loaders, num_steps=args.steps)
+        runs.train_steps(distiller, student, loaders, args.steps, lr=lr)
         students[name] = student
 
     images = common.stack(data["digit"]["test"])["image"]
@@ -222,11 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_quick_argument("--steps", 90, 900,
                               "optimizer steps of each student, all tasks together")
     parser.add_quick_argument("--teacher-steps", 100, 600, "optimizer steps of each teacher")
-    parser.add_argument("--train-size", type=int, default=100,
-                        help="labelled training images per task for the students")
-    parser.add_argument("--no-transfer", dest="transfer", action="store_false",
-                        help="distil on the labelled images only (no unlabelled transfer data)")
-    parser.add_validation_option()
+    parser.add_transfer_options(train_size=100, train_size_help="labelled training images "
+                                "per task for the students")
     parser.add_argument("--width", type=int, default=32, help="the student's shared width")
     parser.add_training_options(lr=1e-2, temperature=2.0,
                                 lr_help="learning rate of the distilled student")

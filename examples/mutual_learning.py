@@ -43,7 +43,7 @@ def mlp(hidden: int) -> common.MLP:
 
 def run_seed(args, seed: int) -> Dict[str, float]:
     seed_everything(seed)
-    data = common.transfer_split(seed, args.train_size or 1347, args.validation,
+    data = common.transfer_split(seed, args.train_size or None, args.validation,
                                  args.transfer, key="x", flat=True)
     train, test = data["labelled"], data["test"]
     # with --transfer the peers also teach each other on the unlabelled images

@@ -99,14 +99,11 @@ def run_seed(args: argparse.Namespace, seed: int, only: Any = None) -> Dict[str,
     test = data["test"]
     runs = common.SeedRuns(args, seed, log_steps=1000)
 
-    def train(trainer, model, loader, lr, steps):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-        common.fit(trainer, optimizer, loader, num_steps=steps)
-
     torch.manual_seed(seed)
     teacher = Teacher()
-    train(BasicTrainer(runs.config("teacher"), teacher, common.labels_adaptor), teacher,
-          runs.loader(data["teacher_train"]), args.teacher_lr, args.teacher_steps)
+    runs.train_steps(BasicTrainer(runs.config("teacher"), teacher, common.labels_adaptor),
+                     teacher, runs.loader(data["teacher_train"]), args.teacher_steps,
+                     lr=args.teacher_lr)
     torch.manual_seed(seed + 1)
     initial = QuantMLP()
     result = {"teacher": {"accuracy": common.accuracy(teacher, test),
@@ -114,8 +111,10 @@ def run_seed(args: argparse.Namespace, seed: int, only: Any = None) -> Dict[str,
 
     if only is None or "student_alone" in only:
         alone = copy.deepcopy(initial)
-        train(BasicTrainer(runs.config("student_alone"), alone, common.masked_adaptor), alone,
-              runs.loader(data["labelled"]), args.alone_lr, args.alone_steps)
+        runs.train_steps(BasicTrainer(runs.config("student_alone"), alone,
+                                      common.masked_adaptor),
+                         alone, runs.loader(data["labelled"]), args.alone_steps,
+                         lr=args.alone_lr)
         result["student_alone"] = {"accuracy": common.accuracy(alone, test),
                                    "bytes": state_dict_bytes(alone)}
 
@@ -129,7 +128,7 @@ def run_seed(args: argparse.Namespace, seed: int, only: Any = None) -> Dict[str,
             kd_loss_type="kl", temperature=args.temperature, kd_loss_weight=kd_weight,
             hard_label_weight=1.0), teacher, student, common.logits_adaptor, common.masked_adaptor,
             freeze_observers_at=0.8)
-        train(distiller, student, runs.loader(data[loader]), lr, steps)
+        runs.train_steps(distiller, student, runs.loader(data[loader]), steps, lr=lr)
         int8 = convert_to_int8(student)
         result[name] = {"accuracy": common.accuracy(int8, test),
                         "int8_accuracy": common.accuracy(int8, test),
