@@ -247,13 +247,35 @@ def transfer_split(seed: int, train_size: int, validation: int = 0, transfer: bo
     :meth:`ExampleParser.add_transfer_options`.
     """
     data = digits_data(seed, key=key, flat=flat)
-    train, test = data["teacher_train"], data["test"]
-    if validation:
-        train, test = train[:-validation], train[-validation:]
-    labelled = train[:train_size]
-    unlabelled = without_labels(train[train_size:], key)
-    return {"teacher_train": train, "labelled": labelled,
-            "transfer": labelled + unlabelled if transfer else labelled, "test": stack(test)}
+    train, test = hold_out(data["teacher_train"], data["test"], validation)
+    labelled, transfer_examples = labelled_and_transfer(train, train_size, transfer, key)
+    return {"teacher_train": train, "labelled": labelled, "transfer": transfer_examples,
+            "test": stack(test)}
+
+
+def hold_out(train: Sequence, test: Sequence, validation: int = 0) -> Tuple[Sequence, Sequence]:
+    """``(train, test)`` as given, or with ``validation = N`` the training rows but the last
+    N, and those N in place of the test rows (lists or arrays alike)."""
+    if not validation:
+        return train, test
+    return train[:-validation], train[-validation:]
+
+
+def labelled_and_transfer(examples: Examples, train_size: Optional[int], transfer: bool = True,
+                          key: str = "image") -> Tuple[Examples, Examples]:
+    """``(labelled, transfer)``: the first ``train_size`` examples (all with ``None``), and
+    those plus the rest under label :data:`UNLABELLED`, the KD data (without ``transfer``
+    the labelled examples alone)."""
+    labelled = examples[:train_size]
+    if not transfer:
+        return labelled, labelled
+    return labelled, labelled + without_labels(examples[len(labelled):], key)
+
+
+def scored_split(validation: int) -> str:
+    """What the accuracies are measured on, for a printed title: ``'test'``, or the held-out
+    training images of ``--validation``."""
+    return f"the last {validation} training images" if validation else "test"
 
 
 def stack(examples: Examples) -> Dict[str, torch.Tensor]:

@@ -137,7 +137,7 @@ def main(argv=None) -> Dict[str, Any]:
     for name, row in results["models"].items():
         row["inputs"] = "image (64)" if name == "teacher" else "row/column profiles (16)"
     results["run"] = common.run_record(args, started)
-    scored = f"the last {args.validation} training images" if args.validation else "test"
+    scored = common.scored_split(args.validation)
     print(f"\n{scored} accuracy, mean ± std over seeds {args.seeds} ({args.train_size} "
           f"labelled training images for the students, {args.steps} steps each)")
     print(f"{'model':<24}{'inputs':>26}{'accuracy':>20}")

@@ -74,18 +74,17 @@ def load_data(seed: int, train_size: Optional[int], validation: int = 0,
     training images, then held out of all training. Examples are ``{'image': (8, 8)
     float in [0, 1], 'labels': () long}``."""
     train_x, test_x, train_y, test_y = common.digits_split(seed)
-    if validation:
-        train_x, test_x = train_x[:-validation], train_x[-validation:]
-        train_y, test_y = train_y[:-validation], train_y[-validation:]
+    train_x, test_x = common.hold_out(train_x, test_x, validation)
+    train_y, test_y = common.hold_out(train_y, test_y, validation)
     data = {}
     for index, (task, (_, label_of)) in enumerate(TASKS.items()):
         own = slice(index, None, len(TASKS))  # images index, index + 3, ...: disjoint thirds
-        third = common.digit_examples(train_x[own], train_y[own], label_of=label_of)
-        labelled = third[:train_size]
-        unlabelled = common.without_labels(third[len(labelled):])
+        labelled, transfer_examples = common.labelled_and_transfer(
+            common.digit_examples(train_x[own], train_y[own], label_of=label_of), train_size,
+            transfer)
         data[task] = {
             "teacher_train": common.digit_examples(train_x, train_y, label_of=label_of),
-            "train": labelled, "transfer": labelled + unlabelled if transfer else labelled,
+            "train": labelled, "transfer": transfer_examples,
             "test": common.digit_examples(test_x, test_y, label_of=label_of)}
     return data
 
@@ -258,7 +257,7 @@ def main(argv=None) -> Dict[str, Any]:
                        "transfer": args.transfer}
     results["run"] = common.run_record(args, started)
 
-    scored = f"the last {args.validation} training images" if args.validation else "test"
+    scored = common.scored_split(args.validation)
     print(f"\n{scored} accuracy, mean ± std over seeds {args.seeds} ({args.train_size} labelled "
           f"images per task for the students, {args.steps} steps each)")
     header = "".join(f"{task:>18}" for task in [*TASKS, "mean"])
