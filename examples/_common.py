@@ -325,6 +325,42 @@ class MLP(torch.nn.Module):
         return out
 
 
+class ConvNet(torch.nn.Module):
+    """``images`` (N, 1, H, W) -> ``{'logits': (N, num_classes)}``, plus ``'loss'``
+    (:func:`labelled_cross_entropy`) when ``labels`` (N,) are given.
+
+    Three conv blocks (3x3 conv, batch norm, ReLU; 2x2 max-pool after the first two),
+    global average pooling, a linear classifier. The submodule names are what the
+    distillation configs refer to: ``layer1`` (N, C1, H/2, W/2), ``layer2`` (N, C2, H/4,
+    W/4), ``layer3`` (N, C3, H/4, W/4) and ``classifier``, whose input is the (N, C3)
+    penultimate embedding.
+    """
+
+    def __init__(self, widths: Sequence[int], num_classes: int = 10):
+        super().__init__()
+        nn = torch.nn
+
+        def block(c_in: int, c_out: int, pool: bool) -> torch.nn.Sequential:
+            layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                      nn.ReLU(inplace=True)]
+            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+        self.layer1 = block(1, widths[0], pool=True)
+        self.layer2 = block(widths[0], widths[1], pool=True)
+        self.layer3 = block(widths[1], widths[2], pool=False)
+        self.classifier = nn.Linear(widths[2], num_classes)
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``targets`` are for an adaptor (vision.py's Decoupled KD), not used here."""
+        features = self.layer3(self.layer2(self.layer1(images)))
+        logits = self.classifier(features.mean(dim=(2, 3)))
+        outputs = {"logits": logits}
+        if labels is not None:
+            outputs["loss"] = labelled_cross_entropy(logits, labels)
+        return outputs
+
+
 def loss_adaptor(batch: Any, outputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     """For models that return ``{'logits'}`` and, given labels, ``'loss'``: the logits for
     KD and the loss for the hard-label term."""
@@ -342,15 +378,20 @@ def labels_adaptor(batch: Dict[str, torch.Tensor],
             "losses": torch.nn.functional.cross_entropy(outputs["logits"], batch["labels"])}
 
 
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of ``logits`` (B, C) over the rows whose label (B,) is not
+    :data:`UNLABELLED`; 0 for a batch without any (a plain mean would be 0 / 0)."""
+    labelled = labels != UNLABELLED
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=UNLABELLED,
+                                             reduction="sum") / labelled.sum().clamp(min=1)
+
+
 def masked_adaptor(batch: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]
                    ) -> Dict[str, Any]:
     """The student's logits for KD and the cross-entropy over the batch's labelled rows only
     (0 for a batch without any): the unlabelled transfer rows learn from the teacher alone."""
-    logits, labels = outputs["logits"], batch["labels"]
-    labelled = labels != UNLABELLED
-    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=UNLABELLED,
-                                             reduction="sum") / labelled.sum().clamp(min=1)
-    return {"logits": logits, "losses": [loss]}
+    return {"logits": outputs["logits"],
+            "losses": [labelled_cross_entropy(outputs["logits"], batch["labels"])]}
 
 
 def logits_adaptor(batch: Any, outputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:

@@ -20,6 +20,7 @@ import json
 import keyword
 import os
 import re
+import statistics
 import sysconfig
 import time
 import tokenize
@@ -486,6 +487,62 @@ def report(results: Dict[str, Any], metrics: Sequence[str], output_dir: str) -> 
     print(f"wrote {common.write_results(output_dir, results)}")
 
 
+def over_seeds(args, run_seed: Callable[[argparse.Namespace], Dict[str, Any]],
+               metrics: Sequence[str]) -> Dict[str, Any]:
+    """``run_seed(args)`` once per seed of ``--seeds``; returns the results.
+
+    One seed: that run's results, as :func:`report` wrote them. Several: each seed's run
+    goes to ``{output_dir}/seed{S}`` (its own table and results.json), then, per model, the
+    mean and sample standard deviation of each of ``metrics`` over the seeds and their
+    per-seed values (``{metric}``, ``{metric}_std``, ``{metric}_per_seed``), its parameters
+    and mean speed-up; each ``distilled*_L{n}`` row also counts the seeds on which it beat,
+    tied and lost to ``student_alone_L{n}`` on ``metrics[0]`` (``vs_student_alone_L{n}``).
+    Printed as a table and written to ``{output_dir}/results.json``.
+    """
+    if len(args.seeds) == 1:
+        return run_seed(args)
+    started = time.perf_counter()
+    runs = []
+    for seed in args.seeds:
+        print(f"\n=== seed {seed} ===", flush=True)
+        runs.append(run_seed(argparse.Namespace(**{
+            **vars(args), "seed": seed, "seeds": [seed],
+            "output_dir": os.path.join(args.output_dir, f"seed{seed}")})))
+    models: Dict[str, Dict[str, Any]] = {}
+    for name in runs[0]["models"]:
+        rows = [run["models"][name] for run in runs]
+        models[name] = {"parameters": rows[0]["parameters"],
+                        "speedup": statistics.fmean(row["speedup"] for row in rows)}
+        for metric in metrics:
+            values = [row[metric] for row in rows]
+            mean, std = common.mean_std(values)
+            models[name].update({metric: mean, f"{metric}_std": std,
+                                 f"{metric}_per_seed": values})
+    first = metrics[0]
+    for name, row in models.items():
+        depth = re.fullmatch(r"distilled\w*_L(\d+)", name)
+        baseline = depth and f"student_alone_L{depth.group(1)}"
+        if baseline in models:
+            row[f"vs_{baseline}"] = dict(zip(("better", "tied", "worse"), common.better_tied_worse(
+                row[f"{first}_per_seed"], models[baseline][f"{first}_per_seed"])))
+    results = {"models": models, "data": runs[0]["data"], "configs": runs[0]["configs"],
+               "run": {**{k: v for k, v in runs[0]["run"].items() if k != "seed"},
+                       "seeds": list(args.seeds),
+                       "seconds": round(time.perf_counter() - started, 1)}}
+    print(f"\nmean ± std over seeds {args.seeds}; 'beat alone': the seeds on which a "
+          f"distilled student's {first} beat the same-depth student alone")
+    header = f"{'model':<24}" + "".join(f"{m:>20}" for m in metrics)
+    print(header + f"{'parameters':>13}{'speed-up':>10}{'beat alone':>12}")
+    for name, row in models.items():
+        cells = "".join(f"{common.pm(row[m], row[f'{m}_std']):>20}" for m in metrics)
+        wins = next((f"{v['better']}/{len(args.seeds)}" for k, v in row.items()
+                     if k.startswith("vs_")), "")
+        print(f"{name:<24}{cells}{row['parameters']:>13,d}{row['speedup']:>9.1f}x{wins:>12}")
+    print(f"{results['run']['seconds']:.0f} s")
+    print(f"wrote {common.write_results(args.output_dir, results)}")
+    return results
+
+
 # ------------------------------------------------------------------------ training
 def batches_of(examples, collate: Callable, batch_size: int) -> List[Dict[str, torch.Tensor]]:
     """Fixed evaluation batches, in order."""
@@ -589,15 +646,22 @@ def parser(doc: str, output_dir: str, data_help: str, epochs: Tuple[int, int],
 
 
 def parse_args(parser: "common.ExampleParser", argv, min_length: int,
-               **changes: Any) -> argparse.Namespace:
+               run_seeds: bool = True, **changes: Any) -> argparse.Namespace:
     """Adds the text examples' common options (``--vocab-size``, ``--lr``, ``--batch-size``,
-    ``--temperature`` of KD, ``--seed`` of the initial weights and the data order,
-    ``--device``) and parses; sets the sizes (:func:`choose_sizes`, with ``changes``),
-    checks ``--student-layers`` (a comma-separated string becomes a list of depths) and
-    that ``--max-length`` is at least ``min_length``."""
+    ``--temperature`` of KD, ``--seeds`` (each one whole run, teacher included:
+    :func:`over_seeds`; ``args.seed`` is the first) or, without ``run_seeds``, ``--seed``
+    (for an example whose own ``--seeds`` are its students'), ``--device``) and parses;
+    sets the sizes (:func:`choose_sizes`, with ``changes``), checks ``--student-layers``
+    (a comma-separated string becomes a list of depths) and that ``--max-length`` is at
+    least ``min_length``."""
     parser.add_argument("--vocab-size", type=int, default=3000)
     parser.add_training_options(lr=1e-3, temperature=4.0)
-    parser.add_argument("--seed", type=int, default=0)
+    if run_seeds:
+        parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                            help="one whole run (teacher, students) per seed, then mean ± "
+                                 "std over them (default: 0)")
+    else:
+        parser.add_argument("--seed", type=int, default=0)
     parser.add_device()
     args = parser.parse_args(argv)
     choose_sizes(args, **changes)
@@ -606,6 +670,10 @@ def parse_args(parser: "common.ExampleParser", argv, min_length: int,
         args.student_layers = depths
     if args.max_length < min_length:
         parser.error(f"--max-length must be at least {min_length}, got {args.max_length}")
+    if run_seeds:
+        if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) < len(args.seeds):
+            parser.error(f"--seeds must be distinct and non-negative, got {args.seeds}")
+        args.seed = args.seeds[0]
     return args
 
 
@@ -662,19 +730,21 @@ def initial_student(build: Callable, layers: int, setup: Dict[str, Any],
 
 
 def alone_and_distilled(teacher, build: Callable, adaptor: Callable, layers: int,
-                        setup: Dict[str, Any], examples, collate: Callable, args,
-                        device) -> Tuple[torch.nn.Module, Dict[str, torch.nn.Module]]:
-    """The ``layers``-layer student trained alone and distilled (:func:`distil`) from the
-    same initial weights, ``args.epochs`` each. Returns the initial weights and
+                        setup: Dict[str, Any], examples, collate: Callable, args, device,
+                        alone_lr: Optional[float] = None, distil_lr: Optional[float] = None
+                        ) -> Tuple[torch.nn.Module, Dict[str, torch.nn.Module]]:
+    """The ``layers``-layer student trained alone (at ``alone_lr``) and distilled
+    (:func:`distil`, at ``distil_lr``; both default ``args.lr``) from the same initial
+    weights, ``args.epochs`` each. Returns the initial weights and
     ``{'student_alone_L{layers}': ..., 'distilled_student_L{layers}': ...}``."""
     initial = initial_student(build, layers, setup, args)
     print(f"{layers}-layer student alone ({args.epochs} epochs)")
     alone = copy.deepcopy(initial).to(device)
     train_alone(f"student_alone_L{layers}", alone, adaptor, examples, collate, args, device,
-                args.epochs)
+                args.epochs, lr=alone_lr)
     print(f"{layers}-layer student distilled ({args.epochs} epochs)")
     distilled = copy.deepcopy(initial).to(device)
     distil(f"distilled_student_L{layers}", teacher, distilled, layers, adaptor, examples,
-           collate, args, device)
+           collate, args, device, lr=distil_lr)
     return initial, {f"student_alone_L{layers}": alone,
                      f"distilled_student_L{layers}": distilled}

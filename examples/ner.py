@@ -35,10 +35,13 @@ Runs (``transformers.BertForTokenClassification`` from a ``BertConfig``, from sc
    ``inputs_mask``.
 
 It prints F1, token accuracy, parameters and speed-up, and writes
-``{output_dir}/results.json``.
+``{output_dir}/results.json``. With ``--seeds`` S1 S2 ... each seed is one whole run
+(teacher included) in ``{output_dir}/seed{S}``, then the mean ± std over the seeds and
+the seeds on which the distilled student beat the student alone.
 
 Run:
     python examples/ner.py                   # minutes on 2 CPU cores
+    python examples/ner.py --seeds 0 1 2 3 4 # the table of examples/README.md
     python examples/ner.py --quick           # seconds (used by the tests)
     python examples/ner.py --data conll2003 --max-length 128
 """
@@ -178,6 +181,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
+    return data_lib.over_seeds(args, run_seed, ["f1", "token_accuracy"])
+
+
+def run_seed(args: argparse.Namespace) -> Dict[str, Any]:
+    """The teacher and the students of seed ``args.seed``: their table and results.json in
+    ``args.output_dir``."""
     started, device = data_lib.start(args)
     data = load_data(args)
     splits, vocabulary, tags = data["splits"], data["vocabulary"], data["tags"]

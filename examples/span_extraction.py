@@ -301,7 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      "each gets a student alone and distilled students; "
                                      "the teacher is trained once, with --seed")
     # two segments (question, context): type_vocab_size 2
-    args = data_lib.parse_args(parser, argv, min_length=QUESTION_LENGTH + 8, type_vocab_size=2)
+    args = data_lib.parse_args(parser, argv, min_length=QUESTION_LENGTH + 8, run_seeds=False,
+                               type_vocab_size=2)
     if args.candidates < 2:
         parser.error(f"--candidates must be at least 2, got {args.candidates}")
     if not args.quick:  # this example's teacher: shallower and wider (see the docstring)

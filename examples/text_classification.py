@@ -36,10 +36,16 @@ from scratch, ``attn_implementation='eager'`` so attention maps come back):
    labels the augmented text (its soft targets), so the student sees more varied inputs.
 
 It prints test accuracy, parameters and the inference speed-up over the teacher (CPU
-time of the same test batches), and writes them to ``{output_dir}/results.json``.
+time of the same test batches), and writes them to ``{output_dir}/results.json``. With
+``--seeds`` S1 S2 ... each seed is one whole run (teacher included) in
+``{output_dir}/seed{S}``, then the mean ± std over the seeds and, per distilled student,
+the seeds on which it beat the student alone of its depth. ``--alone-lr`` and
+``--distil-lr`` set the students' learning rates (default ``--lr``); ``--split
+validation`` scores the validation docstrings instead of the test ones, for choosing them.
 
 Run:
     python examples/text_classification.py                 # minutes on 2 CPU cores
+    python examples/text_classification.py --seeds 0 1 2 3 4 --alone-lr 4e-3 --distil-lr 4e-3
     python examples/text_classification.py --quick         # seconds (used by the tests)
     python examples/text_classification.py --augment --student-layers 4
     python examples/text_classification.py --data glue_data/SST-2 --max-length 66
@@ -71,6 +77,9 @@ def load_data(args) -> Dict[str, Any]:
     """Splits as lists of ``{'tokens': [...], 'label': int}``, the label names, the vocabulary."""
     room = args.max_length - 2  # [CLS] ... [SEP]
     if args.data:
+        if args.split == "validation":
+            raise SystemExit("--split validation: only with the stdlib task (a TSV directory "
+                             "has train.tsv and dev.tsv, no validation split)")
         train = data_lib.read_tsv_classification(os.path.join(args.data, "train.tsv"))["rows"]
         test = data_lib.read_tsv_classification(os.path.join(args.data, "dev.tsv"))["rows"]
         labels = sorted({label for _, label in train})
@@ -82,8 +91,11 @@ def load_data(args) -> Dict[str, Any]:
     else:
         built = data_lib.stdlib_classification(max_per_class=args.max_per_class, length=room)
         labels = built["labels"]
-        splits = data_lib.train_and_test(built["examples"])
-        source = "stdlib docstrings by package family"
+        splits = data_lib.train_and_test(built["examples"], validation=True)
+        splits["test"] = splits.pop(args.split)  # tuning scores the validation split
+        splits.pop("validation", None)
+        source = "stdlib docstrings by package family" + (
+            " (validation split)" if args.split == "validation" else "")
     vocabulary = data_lib.Vocabulary((e["tokens"] for e in splits["train"]), args.vocab_size)
     return {"splits": splits, "labels": labels, "vocabulary": vocabulary, "source": source}
 
@@ -163,11 +175,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_quick_argument("--max-length", 16, 48,
                               "tokens per example with [CLS] and [SEP]", positive=False)
     parser.add_quick_argument("--max-per-class", 40, 250, "stdlib docstrings kept per class")
-    return data_lib.parse_args(parser, argv, min_length=4)
+    parser.add_argument("--alone-lr", type=float, default=None,
+                        help="the students alone's peak learning rate (default: --lr)")
+    parser.add_argument("--distil-lr", type=float, default=None,
+                        help="the distilled students' peak learning rate (default: --lr)")
+    parser.add_argument("--split", choices=["test", "validation"], default="test",
+                        help="what the table scores: the test split (default) or, to choose "
+                             "settings, the validation split")
+    args = data_lib.parse_args(parser, argv, min_length=4)
+    for name in ("alone_lr", "distil_lr"):
+        if getattr(args, name) is None:
+            setattr(args, name, args.lr)
+        elif getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got "
+                         f"{getattr(args, name)}")
+    return args
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
+    return data_lib.over_seeds(args, run_seed, ["accuracy"])
+
+
+def run_seed(args: argparse.Namespace) -> Dict[str, Any]:
+    """The teacher and the students of seed ``args.seed``: their table and results.json in
+    ``args.output_dir``."""
     started, device = data_lib.start(args)
     data = load_data(args)
     splits, vocabulary = data["splits"], data["vocabulary"]
@@ -185,14 +217,15 @@ def main(argv=None) -> Dict[str, Any]:
     models: Dict[str, torch.nn.Module] = {"teacher": teacher}
     for layers in args.student_layers:
         initial, students = data_lib.alone_and_distilled(teacher, build, adaptor, layers, setup,
-                                                         splits["train"], collate, args, device)
+                                                         splits["train"], collate, args, device,
+                                                         args.alone_lr, args.distil_lr)
         models.update(students)
         if args.augment:
             print(f"{layers}-layer student distilled on augmented batches")
             augmented = copy.deepcopy(initial).to(device)
             data_lib.distil(f"distilled_augmented_L{layers}", teacher, augmented, layers,
                             adaptor, splits["train"], collate, args, device,
-                            batch_postprocessor=augmenter(args.seed))
+                            batch_postprocessor=augmenter(args.seed), lr=args.distil_lr)
             models[f"distilled_augmented_L{layers}"] = augmented
 
     results: Dict[str, Any] = {"models": data_lib.score(
@@ -205,8 +238,8 @@ def main(argv=None) -> Dict[str, Any]:
     results["configs"] = {"teacher": args.teacher_config, "student": args.student_config,
                           **setup}
     results["run"] = common.run_record(args, started, [
-        "epochs", "teacher_epochs", "student_layers", "augment", "lr", "temperature",
-        "batch_size", "quick", "seed"], settings={"device": str(device)})
+        "epochs", "teacher_epochs", "student_layers", "augment", "lr", "alone_lr", "distil_lr",
+        "temperature", "batch_size", "split", "quick", "seed"], settings={"device": str(device)})
     data_lib.report(results, ["accuracy"], args.output_dir)
     return results
 

@@ -63,7 +63,7 @@ import math
 import os
 import statistics
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -178,42 +178,7 @@ def train_loader(split: Dict[str, torch.Tensor], batch_size: int,
 
 
 # ---------------------------------------------------------------------------------- models
-class ConvNet(nn.Module):
-    """Three conv blocks (3x3 conv, batch norm, ReLU; 2x2 max-pool after the first two),
-    global average pooling, a linear classifier.
-
-    The submodule names are what the distillation configs refer to: ``layer1`` (C1, 8, 8),
-    ``layer2`` (C2, 4, 4), ``layer3`` (C3, 4, 4) and ``classifier``, whose input is the
-    (N, C3) penultimate embedding.
-    """
-
-    def __init__(self, widths: Sequence[int], num_classes: int = 10):
-        super().__init__()
-
-        def block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
-            layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                      nn.ReLU(inplace=True)]
-            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
-
-        self.layer1 = block(1, widths[0], pool=True)
-        self.layer2 = block(widths[0], widths[1], pool=True)
-        self.layer3 = block(widths[1], widths[2], pool=False)
-        self.classifier = nn.Linear(widths[2], num_classes)
-
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """``loss``: the cross-entropy over the rows whose label is not
-        ``common.UNLABELLED`` (0 for a batch without any). ``targets`` are for the
-        adaptor (Decoupled KD), not used here."""
-        features = self.layer3(self.layer2(self.layer1(images)))
-        embedding = features.mean(dim=(2, 3))
-        logits = self.classifier(embedding)
-        outputs = {"logits": logits}
-        if labels is not None:
-            kept = (labels != common.UNLABELLED).sum().clamp(min=1)
-            outputs["loss"] = F.cross_entropy(logits, labels, ignore_index=common.UNLABELLED,
-                                              reduction="sum") / kept
-        return outputs
+ConvNet = common.ConvNet  # layer1 (C1, 8, 8), layer2 (C2, 4, 4), layer3 (C3, 4, 4) at 16x16
 
 
 def adaptor(batch: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:

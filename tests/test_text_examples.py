@@ -80,6 +80,51 @@ def test_ner(tmp_path):
     assert results["models"]["teacher"]["token_accuracy"] > 0.5
 
 
+def test_ner_over_seeds_is_the_mean_of_the_seeds_own_runs(tmp_path):
+    """--seeds 0 1: each seed one whole run in seed{S}/, the top results.json their mean,
+    sample std and per-seed wins, the same numbers as the seeds' own files."""
+    results, stdout = _run("ner.py", tmp_path, "--seeds", "0", "1")
+    runs = []
+    for seed in (0, 1):
+        with open(tmp_path / f"seed{seed}" / "results.json", encoding="utf-8") as handle:
+            runs.append(json.load(handle))
+        assert runs[-1]["run"]["seed"] == seed
+        assert os.listdir(tmp_path / f"seed{seed}" / "distilled_student_L2")
+    assert results["run"]["seeds"] == [0, 1] and "seed" not in results["run"]
+    for name, row in results["models"].items():
+        for metric in ("f1", "token_accuracy"):
+            values = [run["models"][name][metric] for run in runs]
+            assert row[f"{metric}_per_seed"] == values
+            assert row[metric] == pytest.approx((values[0] + values[1]) / 2)
+            assert row[f"{metric}_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        assert f"{row['f1']:.4f} ± {row['f1_std']:.4f}" in stdout
+    alone = results["models"]["student_alone_L2"]["f1_per_seed"]
+    distilled = results["models"]["distilled_student_L2"]
+    assert distilled["vs_student_alone_L2"] == {
+        "better": sum(d > a for d, a in zip(distilled["f1_per_seed"], alone)),
+        "tied": sum(d == a for d, a in zip(distilled["f1_per_seed"], alone)),
+        "worse": sum(d < a for d, a in zip(distilled["f1_per_seed"], alone))}
+
+
+def test_text_seeds_must_be_distinct(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "ner.py"), "--quick", "--seeds", "1",
+         "1", "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert completed.returncode == 2 and "--seeds must be distinct" in completed.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_text_classification_scores_the_validation_split_when_asked(tmp_path):
+    test, _ = _run("text_classification.py", tmp_path / "test")
+    validation, stdout = _run("text_classification.py", tmp_path / "validation", "--split",
+                              "validation", "--alone-lr", "3e-3")
+    assert "(validation split)" in validation["data"]["source"]
+    assert validation["run"]["alone_lr"] == 3e-3 and validation["run"]["distil_lr"] == 1e-3
+    assert validation["data"]["train"] == test["data"]["train"]  # the same training set
+    assert validation["data"]["test"] != test["data"]["test"]
+
+
 def test_span_extraction_both_ways_of_summing_heads(tmp_path):
     results, stdout = _run("span_extraction.py", tmp_path, "--kd-over-heads", "both")
     _check_models(results, stdout, ["exact_match", "f1"],
