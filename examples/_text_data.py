@@ -106,6 +106,21 @@ def train_and_test(records: Iterable[Dict[str, Any]],
     return {name: [r for r in records if r["split"] == name] for name in names}
 
 
+def train_and_scored(records: Iterable[Dict[str, Any]],
+                     split: str = "test") -> Dict[str, List[Dict[str, Any]]]:
+    """``{'train': [...], 'test': [...]}`` where ``'test'`` holds the records of ``split``
+    (``'test'``, or ``'validation'`` to choose settings: :func:`add_split_option`)."""
+    splits = train_and_test(records, validation=True)
+    return {"train": splits["train"], "test": splits[split]}
+
+
+def add_split_option(parser: "common.ExampleParser") -> None:
+    """``--split {test,validation}``: what the table scores (:func:`train_and_scored`)."""
+    parser.add_argument("--split", choices=["test", "validation"], default="test",
+                        help="what the table scores: the test split (default) or, to choose "
+                             "settings, the validation split")
+
+
 def words(text: str) -> List[str]:
     return WORD_PATTERN.findall(text.lower())
 

@@ -126,9 +126,7 @@ def load_data(args) -> Dict[str, Any]:
     else:
         built = data_lib.stdlib_spans(args.candidates, args.max_files, QUESTION_LENGTH,
                                       seed=args.seed, train_shuffles=args.train_shuffles)
-        splits = data_lib.train_and_test(built["examples"], validation=True)
-        splits["test"] = splits.pop(args.split)
-        splits.pop("validation", None)
+        splits = data_lib.train_and_scored(built["examples"], args.split)
         source = "stdlib: which function does this docstring describe"
         if args.split == "validation":
             source += " (validation split)"
@@ -294,9 +292,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--relabel", type=float, default=RELABEL,
                         help="fraction of training examples whose words are renamed at "
                              f"random (Collator; default {RELABEL})")
-    parser.add_argument("--split", choices=["test", "validation"], default="test",
-                        help="what the table scores: the test split (default) or, to choose "
-                             "settings, the validation split")
+    data_lib.add_split_option(parser)
     parser.add_seeds(full=(0,), help="the students' seeds (initial weights, data order): "
                                      "each gets a student alone and distilled students; "
                                      "the teacher is trained once, with --seed")

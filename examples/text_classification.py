@@ -91,9 +91,7 @@ def load_data(args) -> Dict[str, Any]:
     else:
         built = data_lib.stdlib_classification(max_per_class=args.max_per_class, length=room)
         labels = built["labels"]
-        splits = data_lib.train_and_test(built["examples"], validation=True)
-        splits["test"] = splits.pop(args.split)  # tuning scores the validation split
-        splits.pop("validation", None)
+        splits = data_lib.train_and_scored(built["examples"], args.split)
         source = "stdlib docstrings by package family" + (
             " (validation split)" if args.split == "validation" else "")
     vocabulary = data_lib.Vocabulary((e["tokens"] for e in splits["train"]), args.vocab_size)
@@ -179,9 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the students alone's peak learning rate (default: --lr)")
     parser.add_argument("--distil-lr", type=float, default=None,
                         help="the distilled students' peak learning rate (default: --lr)")
-    parser.add_argument("--split", choices=["test", "validation"], default="test",
-                        help="what the table scores: the test split (default) or, to choose "
-                             "settings, the validation split")
+    data_lib.add_split_option(parser)
     args = data_lib.parse_args(parser, argv, min_length=4)
     for name in ("alone_lr", "distil_lr"):
         if getattr(args, name) is None:
